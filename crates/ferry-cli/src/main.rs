@@ -1,0 +1,179 @@
+//! `ferry`: checkpoint, restore and (soon) live-migrate running Linux
+//! processes. A thin layer over the `ferry` library: parse, call, report.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+mod fmt;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Checkpoint, restore and live-migrate running Linux process trees",
+    long_about = "ferry freezes a running, unmodified Linux process, captures its whole state \
+(memory, registers with the full AVX/AVX-512 state, signals, timers, files, pipes) and \
+rebuilds it later with the same PID, on this node or another with the same kernel.\n\n\
+It needs root (ptrace of other processes, clone3 with set_tid, PR_SET_MM_MAP).\n\n\
+Environment: FERRY_LOG sets the log filter (e.g. FERRY_LOG=debug); logs go to stderr.",
+    after_help = "Examples:\n  \
+ferry checkpoint 4242 -D /var/lib/ferry/job1            # image the job, then kill it\n  \
+ferry checkpoint 4242 -D img --leave-running            # image it and let it run on\n  \
+ferry restore -D /var/lib/ferry/job1 && echo finished   # run it again, wait for its exit\n  \
+pid=$(ferry restore -D img --detach)                    # run it again in the background"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Freeze a process and write its image to a directory.
+    #[command(
+        long_about = "Freeze every thread of PID with ptrace, write its complete state \
+into DIR (created if needed), then kill it — or, with --leave-running, let it continue \
+exactly as before.\n\n\
+Prints how long the process was frozen and how much was written. If the process holds \
+something ferry cannot capture yet (a socket, a terminal, SysV IPC, memory shared with \
+a process outside the checkpoint, ...), nothing is written, the process keeps running \
+untouched, and ferry exits non-zero with one line naming the descriptor or address \
+range.\n\n\
+What is captured: all memory areas (anonymous, heap, stack, private and shared file \
+mappings, PROT_NONE and guard regions, madvise flags; pages never touched are not \
+stored, zero pages are stored as a flag), registers including the full xstate, signal \
+handlers, masks, pending signals, sigaltstack, interval timers, rseq, TID address and \
+robust list, regular files with offsets and flags, deleted-but-open files (their \
+contents go into the image), /dev/null and similar devices, shared open files (dup), \
+pipes with their buffered data, cwd, umask, rlimits, personality, comm, the mm fields \
+and /proc/PID/exe.\n\n\
+Limits of this version: single-threaded processes only; POSIX timers (timer_create), \
+sockets, terminals, eventfd/epoll/signalfd/timerfd/inotify and namespaces are refused."
+    )]
+    Checkpoint {
+        /// Process to checkpoint.
+        pid: i32,
+        /// Image directory to write (created if missing).
+        #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+        dir: PathBuf,
+        /// Let the process continue after the image is written.
+        #[arg(long)]
+        leave_running: bool,
+        /// Print the report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rebuild a process from an image and let it run.
+    #[command(
+        long_about = "Rebuild the process imaged in DIR, with its original PID, as a \
+child of ferry, and let it continue where it stopped.\n\n\
+Without --detach, ferry waits for the process and exits with its exit status (128+N if \
+it was killed by signal N), so `ferry restore -D img && echo ok` works. With --detach it \
+prints the restored PID on stdout and returns once the process runs.\n\n\
+The PID must be free: if another process holds it, restore fails with a clear message \
+and changes nothing. The files the process had open must exist at their paths (deleted \
+files are recreated from the image). A corrupt or truncated image is refused.\n\n\
+The restored process joins the session and process group of `ferry restore`."
+    )]
+    Restore {
+        /// Image directory written by `ferry checkpoint`.
+        #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+        dir: PathBuf,
+        /// Print the PID and return instead of waiting for the process.
+        #[arg(long)]
+        detach: bool,
+        /// Print the restore report as JSON on stderr.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ferry: error: {}", one_line(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The error chain on one line, without repeating a cause that a message
+/// already ends with (library errors carry their source in the message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let msg = cause.to_string();
+        if out.ends_with(&msg) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&msg);
+    }
+    out.replace('\n', " ")
+}
+
+fn require_root() -> Result<()> {
+    if ferry::sys::geteuid() != 0 {
+        bail!("ferry needs root (ptrace, clone3 set_tid, PR_SET_MM_MAP); run it with sudo");
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Checkpoint {
+            pid,
+            dir,
+            leave_running,
+            json,
+        } => {
+            require_root()?;
+            let opts = ferry::checkpoint::Options { leave_running };
+            let rep = ferry::checkpoint::checkpoint(pid, &dir, &opts)
+                .with_context(|| format!("checkpoint of pid {pid} failed"))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&fmt::checkpoint_json(&rep, &dir))?
+                );
+            } else {
+                println!("{}", fmt::checkpoint_line(&rep, &dir));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Restore { dir, detach, json } => {
+            require_root()?;
+            let rep = ferry::restore::restore(&dir)
+                .with_context(|| format!("restore from {} failed", dir.display()))?;
+            if json {
+                eprintln!("{}", serde_json::to_string(&fmt::restore_json(&rep))?);
+            }
+            if detach {
+                println!("{}", rep.pid);
+                return Ok(ExitCode::SUCCESS);
+            }
+            tracing::info!("{}", fmt::restore_line(&rep));
+            ferry::sys::ignore_interactive_signals();
+            let status = ferry::sys::waitpid(rep.pid, 0)
+                .with_context(|| format!("waiting for pid {}", rep.pid))?;
+            Ok(match status {
+                Some((_, ferry::sys::WaitStatus::Exited(c))) => ExitCode::from(c as u8),
+                Some((_, ferry::sys::WaitStatus::Signaled(s))) => ExitCode::from(128 + s as u8),
+                _ => ExitCode::from(1),
+            })
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Per-process and per-thread state, in the order KERNEL.md §2 gives:
+//! signal dispositions, pending signals, timers, cwd/umask/personality/comm,
+//! rlimits; then per thread sigaltstack, rseq, TID address, robust list,
+//! xstate and registers. Signal masks are applied last, at release.
+
+use super::stub::Stub;
+use super::RestoreError;
+use crate::image::{ProcessImage, ThreadImage};
+use crate::sys::{self, ptrace, UserRegs};
+
+pub fn restore_process_state(st: &mut Stub, p: &ProcessImage) -> Result<(), RestoreError> {
+    // Every disposition is set, default ones included: the stub inherited
+    // ferry's own handlers, whose code is gone.
+    for (i, act) in p.sigactions.iter().enumerate() {
+        let sig = i as u64 + 1;
+        if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+            continue;
+        }
+        st.r.reset_scratch();
+        let a = st.r.put(sys::pod_bytes(act))?;
+        let r =
+            st.r.syscall_raw("rt_sigaction", libc::SYS_rt_sigaction, &[sig, a, 0, 8])?;
+        // Signals 32 and 33 are reserved by glibc but settable by the
+        // kernel; a failure elsewhere is an error.
+        if r.0 < 0 {
+            return Err(RestoreError::Step {
+                pid: st.pid,
+                what: format!("the action of signal {sig}"),
+                why: std::io::Error::from_raw_os_error(-r.0 as i32).to_string(),
+            });
+        }
+    }
+    for (which, t) in p.itimers.iter().enumerate() {
+        if t.value_sec == 0 && t.value_usec == 0 {
+            continue;
+        }
+        st.r.reset_scratch();
+        let a = st.r.put(sys::pod_bytes(t))?;
+        st.call("setitimer", libc::SYS_setitimer, &[which as u64, a, 0])?;
+    }
+    st.call("umask", libc::SYS_umask, &[p.umask as u64])?;
+    st.r.reset_scratch();
+    let cwd = st.r.put_cstr(&p.cwd)?;
+    st.call("chdir", libc::SYS_chdir, &[cwd])?;
+    st.call(
+        "personality",
+        libc::SYS_personality,
+        &[p.personality as u64],
+    )?;
+    st.r.reset_scratch();
+    let comm = st.r.put_cstr(&p.comm)?;
+    st.call(
+        "prctl(PR_SET_NAME)",
+        libc::SYS_prctl,
+        &[libc::PR_SET_NAME as u64, comm],
+    )?;
+    for &(res, cur, max) in &p.rlimits {
+        if let Err(e) = sys::prlimit(st.pid, res, Some((cur, max))) {
+            // Raising a hard limit needs CAP_SYS_RESOURCE (KERNEL.md §2);
+            // keep the soft limit at least.
+            let (_, here_max) = sys::prlimit(st.pid, res, None).unwrap_or((0, 0));
+            let _ = sys::prlimit(st.pid, res, Some((cur.min(here_max), here_max)));
+            tracing::warn!(resource = res, "cannot restore rlimit {cur}/{max}: {e}");
+        }
+    }
+    for info in &p.shared_pending {
+        queue_signal(st, None, info)?;
+    }
+    Ok(())
+}
+
+/// Re-queues a pending signal from inside the process, so the kernel
+/// accepts any si_code (KERNEL.md §2).
+fn queue_signal(st: &mut Stub, tid: Option<i32>, info: &[u8]) -> Result<(), RestoreError> {
+    let sig = i32::from_ne_bytes([info[0], info[1], info[2], info[3]]) as u64;
+    st.r.reset_scratch();
+    let a = st.r.put(info)?;
+    match tid {
+        None => st.call(
+            "rt_sigqueueinfo",
+            libc::SYS_rt_sigqueueinfo,
+            &[st.pid as u64, sig, a],
+        )?,
+        Some(t) => st.call(
+            "rt_tgsigqueueinfo",
+            libc::SYS_rt_tgsigqueueinfo,
+            &[st.pid as u64, t as u64, sig, a],
+        )?,
+    };
+    Ok(())
+}
+
+/// Registers as they must be when the thread resumes: a syscall that was
+/// interrupted by the freeze is re-executed from its `syscall` instruction
+/// (KERNEL.md §5, restartable syscalls).
+pub fn resume_regs(t: &ThreadImage) -> UserRegs {
+    let mut r = t.regs;
+    if (r.orig_rax as i64) >= 0 {
+        match r.rax as i64 {
+            sys::ERESTARTSYS
+            | sys::ERESTARTNOINTR
+            | sys::ERESTARTNOHAND
+            | sys::ERESTART_RESTARTBLOCK => {
+                r.rax = r.orig_rax;
+                r.rip -= 2;
+            }
+            _ => {}
+        }
+    }
+    r.orig_rax = u64::MAX;
+    r
+}
+
+pub fn restore_threads(st: &mut Stub, p: &ProcessImage) -> Result<(), RestoreError> {
+    let leader = &p.threads[0];
+    if p.threads.len() > 1 {
+        return Err(RestoreError::Step {
+            pid: st.pid,
+            what: format!("{} threads", p.threads.len()),
+            why: "multi-threaded restore is not supported yet".into(),
+        });
+    }
+    restore_thread_state(st, leader)?;
+    let pid = st.pid;
+    ptrace::set_xstate(pid, &leader.xstate).map_err(|source| RestoreError::Ptrace {
+        pid,
+        op: "SETREGSET(XSTATE)",
+        source,
+    })?;
+    // Later remote calls (and release) use these registers as the base.
+    st.r.saved = resume_regs(leader);
+    st.final_sigmask = leader.sigmask;
+    Ok(())
+}
+
+fn restore_thread_state(st: &mut Stub, t: &ThreadImage) -> Result<(), RestoreError> {
+    st.r.reset_scratch();
+    let ss = st.r.put(sys::pod_bytes(&t.sigaltstack))?;
+    st.call("sigaltstack", libc::SYS_sigaltstack, &[ss, 0])?;
+    if let Some(rs) = t.rseq {
+        st.call(
+            "rseq",
+            libc::SYS_rseq,
+            &[
+                rs.rseq_abi_pointer,
+                rs.rseq_abi_size as u64,
+                0,
+                rs.signature as u64,
+            ],
+        )?;
+    }
+    st.call(
+        "set_tid_address",
+        libc::SYS_set_tid_address,
+        &[t.tid_address],
+    )?;
+    if t.robust_list.0 != 0 {
+        st.call(
+            "set_robust_list",
+            libc::SYS_set_robust_list,
+            &[t.robust_list.0, t.robust_list.1],
+        )?;
+    }
+    for info in &t.pending {
+        queue_signal(st, Some(t.tid), info)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,367 @@
+//! The only place in ferry with `unsafe`: thin, typed wrappers over the raw
+//! kernel interfaces the engine needs (ptrace, process_vm_*, pidfd, clone3,
+//! kcmp, prlimit, tee). Every wrapper returns `std::io::Result` carrying the
+//! errno; callers add the pid/address context in their own error types.
+//!
+//! Kernel ABI structs are declared here with `#[repr(C)]` and their sizes are
+//! checked at compile time against the values the kernel reports
+//! (KERNEL.md: NT_PRSTATUS 216, PR_SET_MM_MAP_SIZE 104, rseq config 24).
+#![allow(unsafe_code)]
+
+pub mod abi;
+pub mod ptrace;
+
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+pub use abi::*;
+
+fn cvt(r: libc::c_long) -> io::Result<libc::c_long> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn cvt_i(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Size of a page on x86_64. ferry does not support other page sizes.
+pub const PAGE_SIZE: usize = 4096;
+
+/// One range in another process's address space, for `process_vm_*`.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteRange {
+    pub addr: u64,
+    pub len: usize,
+}
+
+/// The kernel accepts at most this many iovecs per `process_vm_*` call.
+pub const IOV_MAX: usize = 1024;
+
+/// Reads `remote` ranges of `pid` into the consecutive bytes of `local`.
+/// Returns the number of bytes read (a short count means a range failed).
+pub fn process_vm_readv(pid: i32, local: &mut [u8], remote: &[RemoteRange]) -> io::Result<usize> {
+    let total: usize = remote.iter().map(|r| r.len).sum();
+    assert!(total <= local.len() && remote.len() <= IOV_MAX);
+    let liov = libc::iovec {
+        iov_base: local.as_mut_ptr().cast(),
+        iov_len: total,
+    };
+    let mut riov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; IOV_MAX];
+    for (d, r) in riov.iter_mut().zip(remote) {
+        d.iov_base = r.addr as *mut libc::c_void;
+        d.iov_len = r.len;
+    }
+    // SAFETY: `liov` covers `total` bytes of `local`, which is borrowed
+    // mutably for the duration of the call; the remote iovecs name memory in
+    // another process, which the kernel validates.
+    let n = unsafe { libc::process_vm_readv(pid, &liov, 1, riov.as_ptr(), remote.len() as _, 0) };
+    Ok(cvt(n as libc::c_long)? as usize)
+}
+
+/// Writes the consecutive bytes of `local` into the `remote` ranges of `pid`.
+pub fn process_vm_writev(pid: i32, local: &[u8], remote: &[RemoteRange]) -> io::Result<usize> {
+    let total: usize = remote.iter().map(|r| r.len).sum();
+    assert!(total <= local.len() && remote.len() <= IOV_MAX);
+    let liov = libc::iovec {
+        iov_base: local.as_ptr() as *mut libc::c_void,
+        iov_len: total,
+    };
+    let mut riov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; IOV_MAX];
+    for (d, r) in riov.iter_mut().zip(remote) {
+        d.iov_base = r.addr as *mut libc::c_void;
+        d.iov_len = r.len;
+    }
+    // SAFETY: the local iovec covers `total` initialised bytes of `local`,
+    // which the kernel only reads.
+    let n = unsafe { libc::process_vm_writev(pid, &liov, 1, riov.as_ptr(), remote.len() as _, 0) };
+    Ok(cvt(n as libc::c_long)? as usize)
+}
+
+/// `pidfd_open(2)`.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall with integer arguments.
+    let fd = cvt(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })?;
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `pidfd_getfd(2)`: a duplicate of descriptor `fd` of the process behind `pidfd`.
+pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> io::Result<OwnedFd> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: plain syscall with integer arguments.
+    let r = cvt(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })?;
+    // SAFETY: the kernel returned a new descriptor that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
+}
+
+/// `kcmp(KCMP_FILE)`: whether two descriptors refer to one open file description.
+pub fn kcmp_same_file(pid1: i32, fd1: i32, pid2: i32, fd2: i32) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: plain syscall with integer arguments.
+    let r = cvt(unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, KCMP_FILE, fd1, fd2) })?;
+    Ok(r == 0)
+}
+
+/// `prlimit(2)` on another process: sets `new` if given, returns the old limit.
+pub fn prlimit(pid: i32, resource: u32, new: Option<(u64, u64)>) -> io::Result<(u64, u64)> {
+    let newl = new.map(|(c, m)| libc::rlimit64 {
+        rlim_cur: c,
+        rlim_max: m,
+    });
+    let mut old = libc::rlimit64 {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    let newp = newl.as_ref().map_or(std::ptr::null(), |r| r as *const _);
+    // SAFETY: `newp` is null or points to a live rlimit64; `old` is writable.
+    cvt_i(unsafe { libc::prlimit64(pid, resource as _, newp, &mut old) })?;
+    Ok((old.rlim_cur, old.rlim_max))
+}
+
+/// `get_robust_list(2)` of another thread: (head, len).
+pub fn get_robust_list(tid: i32) -> io::Result<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: u64 = 0;
+    // SAFETY: both out-pointers are valid for writes of a pointer/size_t.
+    cvt(unsafe { libc::syscall(libc::SYS_get_robust_list, tid, &mut head, &mut len) })?;
+    Ok((head, len))
+}
+
+/// `kill(2)`.
+pub fn kill(pid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    cvt_i(unsafe { libc::kill(pid, sig) }).map(|_| ())
+}
+
+/// `tgkill(2)`.
+pub fn tgkill(tgid: i32, tid: i32, sig: i32) -> io::Result<()> {
+    // SAFETY: plain syscall with integer arguments.
+    cvt(unsafe { libc::syscall(libc::SYS_tgkill, tgid, tid, sig) }).map(|_| ())
+}
+
+/// Whether a process with this pid exists (it may be a zombie).
+pub fn pid_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence and permission.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Effective uid of the caller.
+pub fn geteuid() -> u32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::geteuid() }
+}
+
+/// pid of the caller.
+pub fn getpid() -> i32 {
+    // SAFETY: always succeeds.
+    unsafe { libc::getpid() }
+}
+
+/// `pipe2(O_CLOEXEC)`: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for two descriptors.
+    cvt_i(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: the kernel returned two new descriptors that we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// `tee(2)`: duplicates up to `len` bytes from pipe `from` into pipe `to`
+/// without consuming them.
+pub fn tee(from: RawFd, to: RawFd, len: usize, nonblock: bool) -> io::Result<usize> {
+    let flags = if nonblock { libc::SPLICE_F_NONBLOCK } else { 0 };
+    // SAFETY: plain syscall with descriptor and integer arguments.
+    let r = unsafe { libc::tee(from, to, len, flags) };
+    Ok(cvt(r as libc::c_long)? as usize)
+}
+
+/// `fcntl(fd, cmd, arg)` for integer commands (F_GETPIPE_SZ, F_SETPIPE_SZ, F_GETFL, ...).
+pub fn fcntl_int(fd: RawFd, cmd: i32, arg: i32) -> io::Result<i32> {
+    // SAFETY: integer commands take no pointers.
+    cvt_i(unsafe { libc::fcntl(fd, cmd, arg) })
+}
+
+/// Bytes queued in a pipe (`FIONREAD`).
+pub fn fionread(fd: RawFd) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    cvt_i(unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) })?;
+    Ok(n as usize)
+}
+
+/// Decoded `waitpid` status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitStatus {
+    Exited(i32),
+    Signaled(i32),
+    /// Stopped with signal and the ptrace event (status >> 16).
+    Stopped {
+        sig: i32,
+        event: i32,
+    },
+    Continued,
+}
+
+/// `waitpid(pid, flags)`; returns None with WNOHANG when nothing changed.
+/// Retries on EINTR.
+pub fn waitpid(pid: i32, flags: i32) -> io::Result<Option<(i32, WaitStatus)>> {
+    loop {
+        let mut st: libc::c_int = 0;
+        // SAFETY: `st` is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut st, flags) };
+        if r == -1 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Ok(None);
+        }
+        let ws = if libc::WIFEXITED(st) {
+            WaitStatus::Exited(libc::WEXITSTATUS(st))
+        } else if libc::WIFSIGNALED(st) {
+            WaitStatus::Signaled(libc::WTERMSIG(st))
+        } else if libc::WIFSTOPPED(st) {
+            WaitStatus::Stopped {
+                sig: libc::WSTOPSIG(st),
+                event: (st >> 16) & 0xff,
+            }
+        } else {
+            WaitStatus::Continued
+        };
+        return Ok(Some((r, ws)));
+    }
+}
+
+/// `CPUID(leaf, subleaf)` → (eax, ebx, ecx, edx).
+pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
+    let r = std::arch::x86_64::__cpuid_count(leaf, subleaf);
+    (r.eax, r.ebx, r.ecx, r.edx)
+}
+
+/// Size of the XSAVE area the kernel exposes through `NT_X86_XSTATE`:
+/// CPUID(0xD,0).EBX, the size for the features enabled in XCR0.
+pub fn xstate_size() -> usize {
+    cpuid(0xd, 0).1 as usize
+}
+
+/// XCR0, the xstate features the kernel enabled (XGETBV 0).
+pub fn xcr0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: XGETBV with ECX=0 is valid whenever OSXSAVE is set, which
+    // every x86_64 Linux kernel with XSAVE support (all of ours) enables.
+    unsafe {
+        std::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack));
+    }
+    (lo as u64) | ((hi as u64) << 32)
+}
+
+/// Whether a page holds only zero bytes, compared a machine word at a time.
+pub fn is_zero_page(page: &[u8]) -> bool {
+    // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets
+    // the aligned middle part of the slice.
+    let (head, words, tail) = unsafe { page.align_to::<u64>() };
+    head.iter().all(|&b| b == 0)
+        && tail.iter().all(|&b| b == 0)
+        && words
+            .chunks(8)
+            .all(|c| c.iter().fold(0u64, |a, &w| a | w) == 0)
+}
+
+/// Raw `clone3` with `set_tid` that starts a *stub*: a copy of the caller
+/// that only waits, to be taken over by ptrace and rebuilt into a restored
+/// process. The child runs nothing but raw async-signal-safe syscalls.
+/// `set_tid` lists the wanted pid from the innermost pid namespace outwards.
+/// Returns the child's pid as seen by the caller.
+pub fn clone3_stub(set_tid: &[i32], parent_death_kill: bool) -> io::Result<i32> {
+    let tids: Vec<libc::pid_t> = set_tid.to_vec();
+    let args = CloneArgs {
+        flags: 0,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+        set_tid: if tids.is_empty() {
+            0
+        } else {
+            tids.as_ptr() as u64
+        },
+        set_tid_size: tids.len() as u64,
+        cgroup: 0,
+    };
+    let ppid = getpid();
+    // SAFETY: clone3 without CLONE_VM duplicates the address space, so the
+    // child owns its own copy of every Rust object; it then only performs
+    // raw syscalls (prctl, getppid, kill, pause) that touch no Rust state
+    // and never returns into Rust code.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &args as *const CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    if r == 0 {
+        // SAFETY: raw syscalls only, see above.
+        unsafe {
+            if parent_death_kill {
+                libc::syscall(libc::SYS_prctl, libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::syscall(libc::SYS_getppid) != ppid as libc::c_long {
+                    libc::syscall(libc::SYS_exit_group, 1);
+                }
+            }
+            loop {
+                libc::syscall(libc::SYS_pause);
+            }
+        }
+    }
+    Ok(cvt(r)? as i32)
+}
+
+/// Reinterprets a plain-old-data kernel struct as bytes.
+pub fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
+    // SAFETY: `Pod` types are repr(C) with no padding-sensitive invariants;
+    // reading their bytes is always defined.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+/// Builds a plain-old-data kernel struct from bytes (None if too short).
+pub fn pod_from_bytes<T: Pod>(b: &[u8]) -> Option<T> {
+    if b.len() < std::mem::size_of::<T>() {
+        return None;
+    }
+    // SAFETY: `Pod` types accept any bit pattern; read_unaligned copes with
+    // the byte slice's alignment.
+    Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+}
+
+/// Makes the caller ignore SIGINT and SIGQUIT, as `system(3)` does while it
+/// waits: a Ctrl-C on the terminal is meant for the job in the foreground.
+pub fn ignore_interactive_signals() {
+    for sig in [libc::SIGINT, libc::SIGQUIT] {
+        // SAFETY: installing SIG_IGN has no memory-safety requirements.
+        unsafe {
+            libc::signal(sig, libc::SIG_IGN);
+        }
+    }
+}
