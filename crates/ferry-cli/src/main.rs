@@ -88,6 +88,18 @@ The restored process joins the session and process group of `ferry restore`."
         #[arg(long)]
         json: bool,
     },
+    /// Print an image's metadata (processes, areas, files, signals) as JSON.
+    #[command(
+        long_about = "Validate the image in DIR (checksums, bounds, references) and \
+print its inventory as pretty JSON on stdout: the machine it came from, every process \
+with its threads and registers, memory areas with their page runs, descriptors, pipes \
+and blobs. Page contents are not printed. Exits non-zero if the image is corrupt."
+    )]
+    Inspect {
+        /// Image directory.
+        #[arg(short = 'D', long = "images-dir", value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -152,6 +164,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 println!("{}", fmt::checkpoint_line(&rep, &dir));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Inspect { dir } => {
+            let img = ferry::image::ImageDir::new(&dir, false)?;
+            let inv = img.read_inventory()?;
+            println!("{}", serde_json::to_string_pretty(&inv)?);
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Restore { dir, detach, json } => {

@@ -31,11 +31,19 @@ pub fn restore_process_state(st: &mut Stub, p: &ProcessImage) -> Result<(), Rest
         }
     }
     for (which, t) in p.itimers.iter().enumerate() {
+        let mut t = *t;
         if t.value_sec == 0 && t.value_usec == 0 {
-            continue;
+            // An expired periodic timer is re-armed by the kernel only when
+            // its signal is dequeued (kernel/signal.c); that signal is in the
+            // image as pending, so arm the next period now.
+            if t.interval_sec == 0 && t.interval_usec == 0 {
+                continue;
+            }
+            t.value_sec = t.interval_sec;
+            t.value_usec = t.interval_usec;
         }
         st.r.reset_scratch();
-        let a = st.r.put(sys::pod_bytes(t))?;
+        let a = st.r.put(sys::pod_bytes(&t))?;
         st.call("setitimer", libc::SYS_setitimer, &[which as u64, a, 0])?;
     }
     st.call("umask", libc::SYS_umask, &[p.umask as u64])?;
