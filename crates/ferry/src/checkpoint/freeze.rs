@@ -8,8 +8,6 @@ use crate::sys::{self, ptrace, WaitStatus};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-/// Every signal but SIGKILL and SIGSTOP, which cannot be blocked anyway.
-const ALL_SIGNALS: u64 = !0u64 & !(1 << (libc::SIGKILL - 1)) & !(1 << (libc::SIGSTOP - 1));
 
 /// A frozen process: every thread in a ptrace stop, with its original
 /// signal mask remembered.
@@ -78,7 +76,7 @@ impl Frozen {
                             op: "GETSIGMASK",
                             source: e,
                         })?;
-                        let _ = ptrace::set_sigmask(t, ALL_SIGNALS);
+                        let _ = ptrace::set_sigmask(t, sys::ALL_SIGNALS);
                         f.threads.insert(t, mask);
                         f.order.push(t);
                     }

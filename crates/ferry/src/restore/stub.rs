@@ -12,7 +12,6 @@ use std::path::PathBuf;
 
 /// Gadget page + scratch pages.
 pub const AREA_LEN: u64 = 17 * PAGE_SIZE as u64;
-const ALL_SIGNALS: u64 = !0u64 & !(1 << (libc::SIGKILL - 1)) & !(1 << (libc::SIGSTOP - 1));
 
 pub struct Stub {
     pub pid: i32,
@@ -58,7 +57,7 @@ impl Stub {
                     None => {}
                 }
             }
-            ptrace::set_sigmask(child, ALL_SIGNALS).map_err(pt("SETSIGMASK"))?;
+            ptrace::set_sigmask(child, sys::ALL_SIGNALS).map_err(pt("SETSIGMASK"))?;
             Ok(Remote::new(child, find_vdso_gadget(child)?)?)
         };
         let r = match attach() {

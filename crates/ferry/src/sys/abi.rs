@@ -177,3 +177,6 @@ pub const ERESTARTNOHAND: i64 = -514;
 pub const ERESTART_RESTARTBLOCK: i64 = -516;
 /// Highest user address + 1 with 4-level paging.
 pub const TASK_SIZE: u64 = 0x7fff_ffff_f000;
+
+/// Signal mask with every signal blocked (SIGKILL and SIGSTOP cannot be).
+pub const ALL_SIGNALS: u64 = !((1u64 << (libc::SIGKILL - 1)) | (1u64 << (libc::SIGSTOP - 1)));

@@ -28,33 +28,33 @@ pub const EVENT_FORK: i32 = libc::PTRACE_EVENT_FORK;
 pub const EVENT_STOP: i32 = libc::PTRACE_EVENT_STOP;
 
 pub fn seize(tid: i32, options: u64) -> io::Result<()> {
-    req(libc::PTRACE_SEIZE as u32, tid, 0, options).map(|_| ())
+    req(libc::PTRACE_SEIZE, tid, 0, options).map(|_| ())
 }
 
 pub fn interrupt(tid: i32) -> io::Result<()> {
-    req(libc::PTRACE_INTERRUPT as u32, tid, 0, 0).map(|_| ())
+    req(libc::PTRACE_INTERRUPT, tid, 0, 0).map(|_| ())
 }
 
 pub fn detach(tid: i32, sig: i32) -> io::Result<()> {
-    req(libc::PTRACE_DETACH as u32, tid, 0, sig as u64).map(|_| ())
+    req(libc::PTRACE_DETACH, tid, 0, sig as u64).map(|_| ())
 }
 
 pub fn cont(tid: i32, sig: i32) -> io::Result<()> {
-    req(libc::PTRACE_CONT as u32, tid, 0, sig as u64).map(|_| ())
+    req(libc::PTRACE_CONT, tid, 0, sig as u64).map(|_| ())
 }
 
 pub fn singlestep(tid: i32, sig: i32) -> io::Result<()> {
-    req(libc::PTRACE_SINGLESTEP as u32, tid, 0, sig as u64).map(|_| ())
+    req(libc::PTRACE_SINGLESTEP, tid, 0, sig as u64).map(|_| ())
 }
 
 pub fn set_options(tid: i32, options: u64) -> io::Result<()> {
-    req(libc::PTRACE_SETOPTIONS as u32, tid, 0, options).map(|_| ())
+    req(libc::PTRACE_SETOPTIONS, tid, 0, options).map(|_| ())
 }
 
 pub fn get_event_msg(tid: i32) -> io::Result<u64> {
     let mut v: u64 = 0;
     req(
-        libc::PTRACE_GETEVENTMSG as u32,
+        libc::PTRACE_GETEVENTMSG,
         tid,
         0,
         &mut v as *mut u64 as u64,
@@ -69,7 +69,7 @@ pub fn get_regs(tid: i32) -> io::Result<UserRegs> {
         iov_len: std::mem::size_of::<UserRegs>(),
     };
     req(
-        libc::PTRACE_GETREGSET as u32,
+        libc::PTRACE_GETREGSET,
         tid,
         NT_PRSTATUS as u64,
         &mut iov as *mut libc::iovec as u64,
@@ -89,7 +89,7 @@ pub fn set_regs(tid: i32, r: &UserRegs) -> io::Result<()> {
         iov_len: std::mem::size_of::<UserRegs>(),
     };
     req(
-        libc::PTRACE_SETREGSET as u32,
+        libc::PTRACE_SETREGSET,
         tid,
         NT_PRSTATUS as u64,
         &mut iov as *mut libc::iovec as u64,
@@ -105,7 +105,7 @@ pub fn get_xstate(tid: i32, buf: &mut [u8]) -> io::Result<usize> {
         iov_len: buf.len(),
     };
     req(
-        libc::PTRACE_GETREGSET as u32,
+        libc::PTRACE_GETREGSET,
         tid,
         NT_X86_XSTATE as u64,
         &mut iov as *mut libc::iovec as u64,
@@ -120,7 +120,7 @@ pub fn set_xstate(tid: i32, buf: &[u8]) -> io::Result<()> {
         iov_len: buf.len(),
     };
     req(
-        libc::PTRACE_SETREGSET as u32,
+        libc::PTRACE_SETREGSET,
         tid,
         NT_X86_XSTATE as u64,
         &mut iov as *mut libc::iovec as u64,
@@ -131,7 +131,7 @@ pub fn set_xstate(tid: i32, buf: &[u8]) -> io::Result<()> {
 pub fn get_sigmask(tid: i32) -> io::Result<u64> {
     let mut m: u64 = 0;
     req(
-        libc::PTRACE_GETSIGMASK as u32,
+        libc::PTRACE_GETSIGMASK,
         tid,
         8,
         &mut m as *mut u64 as u64,
@@ -141,7 +141,7 @@ pub fn get_sigmask(tid: i32) -> io::Result<u64> {
 
 pub fn set_sigmask(tid: i32, mask: u64) -> io::Result<()> {
     req(
-        libc::PTRACE_SETSIGMASK as u32,
+        libc::PTRACE_SETSIGMASK,
         tid,
         8,
         &mask as *const u64 as u64,
@@ -161,7 +161,7 @@ pub fn peek_siginfo(tid: i32, shared: bool) -> io::Result<Vec<[u8; SIGINFO_SIZE]
             nr: buf.len() as i32,
         };
         let n = req(
-            libc::PTRACE_PEEKSIGINFO as u32,
+            libc::PTRACE_PEEKSIGINFO,
             tid,
             &args as *const PeekSiginfoArgs as u64,
             buf.as_mut_ptr() as u64,
