@@ -8,7 +8,6 @@ use crate::sys::{self, ptrace, WaitStatus};
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-
 /// A frozen process: every thread in a ptrace stop, with its original
 /// signal mask remembered.
 pub struct Frozen {

@@ -178,6 +178,7 @@ fn capture(
     let t = Instant::now();
     let maps = proc::read_smaps(pid)?;
     memory::check_supported(pid, &maps)?;
+    tracing::debug!(elapsed = ?t.elapsed(), areas = maps.len(), "maps read and checked");
     let mut inv = Inventory {
         machine: machine_info(),
         root_pid: pid,
@@ -191,11 +192,14 @@ fn capture(
             .unwrap_or(0),
     };
     let fds = files::capture(pid, &[pid], img, &mut inv)?;
+    tracing::debug!(elapsed = ?t.elapsed(), fds = fds.len(), "descriptors captured");
     let gadget = remote::find_vdso_gadget(pid)?;
     let mut proc_img = task::capture_process(pid, frozen, gadget, &inv.machine)?;
     proc_img.fds = fds;
     let state_time = t.elapsed();
+    tracing::debug!(elapsed = ?state_time, "process state captured");
     let (vmas, stats) = memory::dump(pid, &maps, img, &proc_img.pages_file)?;
+    tracing::debug!(elapsed = ?t.elapsed(), pages = stats.pages_data, "memory dumped");
     proc_img.vmas = vmas;
     inv.processes.push(proc_img);
     Ok((inv, stats, state_time))

@@ -156,7 +156,9 @@ impl PageStoreWriter {
         f.write_all(&[0u8; HEADER_LEN]).map_err(io_err(path))?;
         Ok(Self {
             path: path.to_path_buf(),
-            out: BufWriter::with_capacity(4 << 20, f),
+            // Small buffer: the dumper appends whole stretches of pages, which
+            // BufWriter passes straight to the file without copying.
+            out: BufWriter::with_capacity(64 << 10, f),
             len: 0,
         })
     }

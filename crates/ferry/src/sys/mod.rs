@@ -365,3 +365,18 @@ pub fn ignore_interactive_signals() {
         }
     }
 }
+
+/// Makes `cmd` close every descriptor above stderr in the child before it
+/// execs: jobs must not inherit stray descriptors (a CI runner's pipes, a
+/// shell's fds) that would make them impossible to checkpoint.
+pub fn close_extra_fds_on_spawn(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs between fork and exec and only performs the
+    // async-signal-safe close_range syscall.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+}

@@ -53,12 +53,7 @@ pub fn set_options(tid: i32, options: u64) -> io::Result<()> {
 
 pub fn get_event_msg(tid: i32) -> io::Result<u64> {
     let mut v: u64 = 0;
-    req(
-        libc::PTRACE_GETEVENTMSG,
-        tid,
-        0,
-        &mut v as *mut u64 as u64,
-    )?;
+    req(libc::PTRACE_GETEVENTMSG, tid, 0, &mut v as *mut u64 as u64)?;
     Ok(v)
 }
 
@@ -130,23 +125,12 @@ pub fn set_xstate(tid: i32, buf: &[u8]) -> io::Result<()> {
 
 pub fn get_sigmask(tid: i32) -> io::Result<u64> {
     let mut m: u64 = 0;
-    req(
-        libc::PTRACE_GETSIGMASK,
-        tid,
-        8,
-        &mut m as *mut u64 as u64,
-    )?;
+    req(libc::PTRACE_GETSIGMASK, tid, 8, &mut m as *mut u64 as u64)?;
     Ok(m)
 }
 
 pub fn set_sigmask(tid: i32, mask: u64) -> io::Result<()> {
-    req(
-        libc::PTRACE_SETSIGMASK,
-        tid,
-        8,
-        &mask as *const u64 as u64,
-    )
-    .map(|_| ())
+    req(libc::PTRACE_SETSIGMASK, tid, 8, &mask as *const u64 as u64).map(|_| ())
 }
 
 /// Pending signals of a thread (or, with `shared`, of its process), as raw
