@@ -306,9 +306,9 @@ pub fn dump(
                     k += 1;
                 }
                 let off = store.append(&buf[first * PAGE_SIZE..k * PAGE_SIZE])?;
-                for j in first..k {
-                    let at = off + ((j - first) * PAGE_SIZE) as u64;
-                    rb.push(addrs[j], true, at, Some(page(j)));
+                for (i, &addr) in addrs[first..k].iter().enumerate() {
+                    let at = off + (i * PAGE_SIZE) as u64;
+                    rb.push(addr, true, at, Some(page(first + i)));
                 }
                 stats.pages_data += (k - first) as u64;
             }
