@@ -272,6 +272,9 @@ fn restore_fails_while_pid_taken() {
 // ---------------------------------------------------------------------------
 // f) corrupt images are rejected cleanly.
 
+/// One way of damaging a file of an image.
+type Mutation = Box<dyn Fn(&std::path::Path)>;
+
 #[test]
 fn corrupt_image_is_rejected() {
     if skip_unless_root() {
@@ -295,7 +298,7 @@ fn corrupt_image_is_rejected() {
     let mut n = 0;
     for rel in &files {
         let len = std::fs::metadata(img.join(rel)).unwrap().len();
-        let mut mutations: Vec<(String, Box<dyn Fn(&std::path::Path)>)> = Vec::new();
+        let mut mutations: Vec<(String, Mutation)> = Vec::new();
         if len > 0 {
             mutations.push(("flip byte 0".into(), Box::new(|p| flip_byte(p, 0))));
             mutations.push((

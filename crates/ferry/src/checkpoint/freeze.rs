@@ -123,9 +123,12 @@ impl Frozen {
             op: "kill",
             source: e,
         })?;
-        for &t in self.threads.keys() {
-            // Consume the exit notification the tracer gets for each thread;
-            // otherwise the real parent's waitpid on the leader can hang.
+        // Consume the exit notification the tracer gets for each thread;
+        // otherwise the real parent's waitpid on the leader can hang. The
+        // leader's exit is only reported once every other thread is reaped,
+        // so it goes last.
+        let others = self.order.iter().filter(|&&t| t != self.pid);
+        for &t in others.chain(std::iter::once(&self.pid)) {
             loop {
                 match sys::waitpid(t, libc::__WALL) {
                     Ok(Some((_, WaitStatus::Exited(_) | WaitStatus::Signaled(_)))) | Err(_) => {

@@ -199,6 +199,13 @@ impl PageStoreReader {
         let mut hdr = [0u8; HEADER_LEN];
         let n = file.read_at(&mut hdr, 0).map_err(io_err(path))?;
         let h = format::parse_header(path, &hdr[..n], FileKindTag::Pages, len)?;
+        // Runs carry their own CRCs; the header's payload CRC is always 0.
+        if h.payload_crc != 0 {
+            return Err(ImageError::Corrupt {
+                path: path.to_path_buf(),
+                why: "page store header has a payload checksum".into(),
+            });
+        }
         Ok(Self {
             path: path.to_path_buf(),
             file,

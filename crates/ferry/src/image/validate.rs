@@ -34,8 +34,19 @@ pub fn inventory(path: &Path, inv: &Inventory) -> Result<(), ImageError> {
         return bad("duplicate or invalid pids".into());
     }
     for p in &inv.pipes {
-        if p.data.len() > MAX_PIPE || p.capacity as usize > MAX_PIPE {
-            return bad(format!("pipe {} holds {} bytes", p.ino, p.data.len()));
+        // More data than the pipe holds would block the refill forever.
+        if p.data.len() > p.capacity as usize || p.capacity as usize > MAX_PIPE {
+            return bad(format!(
+                "pipe {} holds {} bytes in a capacity of {}",
+                p.ino,
+                p.data.len(),
+                p.capacity
+            ));
+        }
+    }
+    for b in &inv.blobs {
+        if !plain_name(&b.file) {
+            return bad(format!("blob name {:?}", b.file));
         }
     }
     for f in &inv.files {
@@ -83,7 +94,7 @@ fn process(inv: &Inventory, p: &ProcessImage) -> Result<(), String> {
     if p.sigactions.len() > 64 || p.shared_pending.iter().any(|s| s.len() != 128) {
         return Err("malformed signal state".into());
     }
-    if p.pages_file.contains('/') || p.pages_file.is_empty() {
+    if !plain_name(&p.pages_file) {
         return Err(format!("page store name {:?}", p.pages_file));
     }
     let mut prev_end = 0u64;
@@ -112,6 +123,21 @@ fn process(inv: &Inventory, p: &ProcessImage) -> Result<(), String> {
             }
             last = end;
         }
+        for &(addr, n) in &v.guards {
+            let end = n
+                .checked_mul(PAGE_SIZE as u64)
+                .and_then(|len| addr.checked_add(len));
+            if n == 0
+                || addr % PAGE_SIZE as u64 != 0
+                || addr < v.start
+                || end.is_none_or(|e| e > v.end)
+            {
+                return Err(format!(
+                    "guard region {addr:#x}+{n} outside area {:#x}-{:#x}",
+                    v.start, v.end
+                ));
+            }
+        }
     }
     for f in &p.fds {
         if f.fd < 0 || f.file as usize >= inv.files.len() {
@@ -119,6 +145,11 @@ fn process(inv: &Inventory, p: &ProcessImage) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A file name inside the image directory: no path, no `.` or `..`.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
 }
 
 /// Every data run must lie inside the page store.

@@ -22,6 +22,8 @@ pub struct Stub {
     pub temp_files: Vec<PathBuf>,
     /// Signal mask the main thread gets when it is let go.
     pub final_sigmask: u64,
+    /// The other threads, stopped with their final registers, and masks.
+    pub threads: Vec<(Remote, u64)>,
     released: bool,
 }
 
@@ -75,6 +77,7 @@ impl Stub {
             pidfd,
             temp_files: Vec::new(),
             final_sigmask: 0,
+            threads: Vec::new(),
             released: false,
         };
         st.empty(p)?;
@@ -186,7 +189,28 @@ impl Stub {
         let pt = |op| move |source| RestoreError::Ptrace { pid, op, source };
         ptrace::set_regs(pid, &self.r.saved).map_err(pt("SETREGS"))?;
         ptrace::set_sigmask(pid, self.final_sigmask).map_err(pt("SETSIGMASK"))?;
+        for (r, mask) in &self.threads {
+            let tid = r.tid;
+            let pt = |op| {
+                move |source| RestoreError::Ptrace {
+                    pid: tid,
+                    op,
+                    source,
+                }
+            };
+            ptrace::set_regs(tid, &r.saved).map_err(pt("SETREGS"))?;
+            ptrace::set_sigmask(tid, *mask).map_err(pt("SETSIGMASK"))?;
+        }
         self.remove_temp_files();
+        // Every thread is complete before any of them runs.
+        for (r, _) in &self.threads {
+            let tid = r.tid;
+            ptrace::detach(tid, 0).map_err(|source| RestoreError::Ptrace {
+                pid: tid,
+                op: "DETACH",
+                source,
+            })?;
+        }
         ptrace::detach(pid, 0).map_err(pt("DETACH"))?;
         self.released = true;
         Ok(())
@@ -206,6 +230,9 @@ impl Drop for Stub {
         }
         self.remove_temp_files();
         let _ = sys::kill(self.pid, libc::SIGKILL);
+        for (r, _) in &self.threads {
+            let _ = sys::waitpid(r.tid, libc::__WALL);
+        }
         let _ = sys::waitpid(self.pid, libc::__WALL);
     }
 }

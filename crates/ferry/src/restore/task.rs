@@ -6,7 +6,8 @@
 use super::stub::Stub;
 use super::RestoreError;
 use crate::image::{ProcessImage, ThreadImage};
-use crate::sys::{self, ptrace, UserRegs};
+use crate::remote::Remote;
+use crate::sys::{self, ptrace, UserRegs, WaitStatus};
 
 pub fn restore_process_state(st: &mut Stub, p: &ProcessImage) -> Result<(), RestoreError> {
     // Every disposition is set, default ones included: the stub inherited
@@ -120,33 +121,112 @@ pub fn resume_regs(t: &ThreadImage) -> UserRegs {
 }
 
 pub fn restore_threads(st: &mut Stub, p: &ProcessImage) -> Result<(), RestoreError> {
-    let leader = &p.threads[0];
-    if p.threads.len() > 1 {
-        return Err(RestoreError::Step {
-            pid: st.pid,
-            what: format!("{} threads", p.threads.len()),
-            why: "multi-threaded restore is not supported yet".into(),
-        });
-    }
-    restore_thread_state(st, leader)?;
     let pid = st.pid;
-    ptrace::set_xstate(pid, &leader.xstate).map_err(|source| RestoreError::Ptrace {
-        pid,
-        op: "SETREGSET(XSTATE)",
-        source,
-    })?;
+    let pt = |tid: i32, op: &'static str| {
+        move |source| RestoreError::Ptrace {
+            pid: tid,
+            op,
+            source,
+        }
+    };
+    // Other threads first: they are cloned from the leader, whose own
+    // registers must still be the stub's while it runs clone3.
+    for t in &p.threads[1..] {
+        let tid = create_thread(st, t.tid)?;
+        let mut r = Remote::new(tid, st.r.gadget())?;
+        let (scratch, len) = st.r.scratch().unwrap_or((0, 0));
+        r.use_scratch(scratch, len);
+        restore_thread_state(&mut r, t)?;
+        ptrace::set_xstate(tid, &t.xstate).map_err(pt(tid, "SETREGSET(XSTATE)"))?;
+        r.saved = resume_regs(t);
+        st.threads.push((r, t.sigmask));
+    }
+    // Signals are queued from the leader: the kernel accepts any si_code
+    // only when the caller is the target's thread-group leader.
+    for t in &p.threads {
+        for info in &t.pending {
+            queue_signal(st, Some(t.tid), info)?;
+        }
+    }
+    let leader = &p.threads[0];
+    restore_thread_state(&mut st.r, leader)?;
+    ptrace::set_xstate(pid, &leader.xstate).map_err(pt(pid, "SETREGSET(XSTATE)"))?;
     // Later remote calls (and release) use these registers as the base.
     st.r.saved = resume_regs(leader);
     st.final_sigmask = leader.sigmask;
     Ok(())
 }
 
-fn restore_thread_state(st: &mut Stub, t: &ThreadImage) -> Result<(), RestoreError> {
+/// Creates a thread with an exact TID by a remote clone3 in the leader.
+/// It starts stopped (PTRACE_O_TRACECLONE) and never runs stub code: its
+/// registers are replaced before it is let go.
+fn create_thread(st: &mut Stub, tid: i32) -> Result<i32, RestoreError> {
+    if sys::pid_exists(tid) {
+        return Err(RestoreError::PidInUse { pid: tid });
+    }
     st.r.reset_scratch();
-    let ss = st.r.put(sys::pod_bytes(&t.sigaltstack))?;
-    st.call("sigaltstack", libc::SYS_sigaltstack, &[ss, 0])?;
+    let set_tid = st.r.put(&tid.to_ne_bytes())?;
+    let stack = st.r.reserve(1024)?;
+    let flags = libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM;
+    let args = sys::CloneArgs {
+        flags: flags as u64,
+        stack,
+        stack_size: 1024,
+        set_tid,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    let a = st.r.put(sys::pod_bytes(&args))?;
+    let (r, ev) = st.r.syscall_raw(
+        "clone3(thread)",
+        libc::SYS_clone3,
+        &[a, std::mem::size_of::<sys::CloneArgs>() as u64],
+    )?;
+    if r < 0 {
+        return Err(match -r as i32 {
+            libc::EEXIST => RestoreError::PidInUse { pid: tid },
+            e => RestoreError::Step {
+                pid: st.pid,
+                what: format!("thread {tid}"),
+                why: format!("clone3: {}", std::io::Error::from_raw_os_error(e)),
+            },
+        });
+    }
+    let new = ev.new_tasks.first().copied().unwrap_or(r as i32);
+    loop {
+        match sys::waitpid(new, libc::__WALL) {
+            Ok(Some((_, WaitStatus::Stopped { .. }))) => break,
+            Ok(Some((_, status))) => {
+                return Err(RestoreError::Step {
+                    pid: st.pid,
+                    what: format!("thread {tid}"),
+                    why: format!("it ended at creation: {status:?}"),
+                })
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(RestoreError::Ptrace {
+                    pid: new,
+                    op: "waitpid",
+                    source: e,
+                })
+            }
+        }
+    }
+    Ok(new)
+}
+
+fn restore_thread_state(r: &mut Remote, t: &ThreadImage) -> Result<(), RestoreError> {
+    r.reset_scratch();
+    let ss = r.put(sys::pod_bytes(&t.sigaltstack))?;
+    r.syscall("sigaltstack", libc::SYS_sigaltstack, &[ss, 0])?;
     if let Some(rs) = t.rseq {
-        st.call(
+        r.syscall(
             "rseq",
             libc::SYS_rseq,
             &[
@@ -157,20 +237,17 @@ fn restore_thread_state(st: &mut Stub, t: &ThreadImage) -> Result<(), RestoreErr
             ],
         )?;
     }
-    st.call(
+    r.syscall(
         "set_tid_address",
         libc::SYS_set_tid_address,
         &[t.tid_address],
     )?;
     if t.robust_list.0 != 0 {
-        st.call(
+        r.syscall(
             "set_robust_list",
             libc::SYS_set_robust_list,
             &[t.robust_list.0, t.robust_list.1],
         )?;
-    }
-    for info in &t.pending {
-        queue_signal(st, Some(t.tid), info)?;
     }
     Ok(())
 }
