@@ -213,6 +213,48 @@ impl PageStoreReader {
         })
     }
 
+    /// Streams a run of `len` bytes at payload offset `offset` through
+    /// `chunk` (a reused buffer, at most its length at a time), handing each
+    /// piece to `sink` with its offset within the run, and checks `crc` at
+    /// the end. Long runs never need a buffer of their own size.
+    pub fn read_run_chunked<E: From<ImageError>>(
+        &self,
+        offset: u64,
+        len: u64,
+        crc: u32,
+        chunk: &mut [u8],
+        mut sink: impl FnMut(u64, &[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let end = offset.checked_add(len);
+        if end.is_none_or(|e| e > self.payload_len) || chunk.is_empty() {
+            return Err(ImageError::Corrupt {
+                path: self.path.clone(),
+                why: format!("page run at {offset}+{len} lies outside the store"),
+            }
+            .into());
+        }
+        let mut done = 0u64;
+        let mut sum = 0u32;
+        while done < len {
+            let n = (len - done).min(chunk.len() as u64) as usize;
+            let piece = &mut chunk[..n];
+            self.file
+                .read_exact_at(piece, HEADER_LEN as u64 + offset + done)
+                .map_err(io_err(&self.path))?;
+            sum = crc32c::crc32c_append(sum, piece);
+            sink(done, piece)?;
+            done += n as u64;
+        }
+        if sum != crc {
+            return Err(ImageError::Corrupt {
+                path: self.path.clone(),
+                why: format!("checksum mismatch in page data at offset {offset}"),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
     /// Reads `buf.len()` bytes at payload offset `offset` and checks `crc`.
     pub fn read_run(&self, offset: u64, crc: u32, buf: &mut [u8]) -> Result<(), ImageError> {
         let end = offset.checked_add(buf.len() as u64);

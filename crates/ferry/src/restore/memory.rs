@@ -29,7 +29,9 @@ pub fn restore(st: &mut Stub, img: &ImageDir, p: &ProcessImage) -> Result<Stats,
     for (_, fd) in shmem_fds.drain() {
         st.call("close", libc::SYS_close, &[fd])?;
     }
+    tracing::debug!("areas mapped");
     let stats = fill(st, img, p)?;
+    tracing::debug!("pages written");
     for v in &p.vmas {
         finish_area(st, v)?;
     }
@@ -131,6 +133,7 @@ fn fill(st: &mut Stub, img: &ImageDir, p: &ProcessImage) -> Result<Stats, Restor
     let mut buf: Vec<u8> = Vec::with_capacity(BATCH);
     let mut ranges: Vec<RemoteRange> = Vec::with_capacity(IOV_MAX);
     let zero_page = vec![0u8; PAGE_SIZE];
+    let mut chunk = vec![0u8; BATCH];
     for v in &p.vmas {
         // Pages never stored read as zero in fresh anonymous memory; in a
         // private file mapping they must be written, the file differs.
@@ -150,19 +153,26 @@ fn fill(st: &mut Stub, img: &ImageDir, p: &ProcessImage) -> Result<Stats, Restor
                 PageKind::Data { offset, crc } => {
                     stats.pages_data += run.npages as u64;
                     stats.bytes += len as u64;
-                    if buf.len() + len > BATCH || ranges.len() == IOV_MAX {
-                        flush(st, &mut buf, &mut ranges)?;
+                    if len <= BATCH {
+                        if buf.len() + len > BATCH || ranges.len() == IOV_MAX {
+                            flush(st, &mut buf, &mut ranges)?;
+                        }
+                        let at = buf.len();
+                        buf.resize(at + len, 0);
+                        store.read_run(offset, crc, &mut buf[at..])?;
+                        ranges.push(RemoteRange {
+                            addr: run.addr,
+                            len,
+                        });
+                        continue;
                     }
-                    let at = buf.len();
-                    buf.resize(at + len, 0);
-                    store.read_run(offset, crc, &mut buf[at..])?;
-                    ranges.push(RemoteRange {
-                        addr: run.addr,
-                        len,
-                    });
-                    if buf.len() >= BATCH {
-                        flush(st, &mut buf, &mut ranges)?;
-                    }
+                    // A long run streams through the chunk buffer; its CRC is
+                    // checked at the end, and a mismatch aborts the restore
+                    // (the stub is killed), so nothing wrong ever runs.
+                    flush(st, &mut buf, &mut ranges)?;
+                    store.read_run_chunked(offset, len as u64, crc, &mut chunk, |at, piece| {
+                        write_all(st, run.addr + at, piece)
+                    })?;
                 }
             }
         }
@@ -190,6 +200,31 @@ fn push(
         }),
     }
     Ok(())
+}
+
+/// Writes one contiguous piece of memory into the stub.
+fn write_all(st: &Stub, addr: u64, data: &[u8]) -> Result<(), RestoreError> {
+    let n = sys::process_vm_writev(
+        st.pid,
+        data,
+        &[RemoteRange {
+            addr,
+            len: data.len(),
+        }],
+    );
+    match n {
+        Ok(n) if n == data.len() => Ok(()),
+        Ok(n) => Err(RestoreError::Step {
+            pid: st.pid,
+            what: format!("memory at {addr:#x}"),
+            why: format!("short write: {n} of {} bytes", data.len()),
+        }),
+        Err(e) => Err(RestoreError::Step {
+            pid: st.pid,
+            what: format!("memory at {addr:#x}"),
+            why: e.to_string(),
+        }),
+    }
 }
 
 fn flush(st: &Stub, buf: &mut Vec<u8>, ranges: &mut Vec<RemoteRange>) -> Result<(), RestoreError> {

@@ -150,7 +150,9 @@ fn restore_process(
     let t0 = Instant::now();
     let mut st = stub::Stub::create(p.pid, p)?;
     // Any error from here on kills the stub (Drop) and leaves nothing.
+    tracing::debug!(elapsed = ?t0.elapsed(), "stub ready");
     let stats = memory::restore(&mut st, img, p)?;
+    tracing::debug!(elapsed = ?t0.elapsed(), pages = stats.pages_data, "memory restored");
     let t_state = Instant::now();
     files::restore(&mut st, img, inv, p)?;
     task::restore_process_state(&mut st, p)?;
