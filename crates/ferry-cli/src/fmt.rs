@@ -25,8 +25,10 @@ pub fn bytes(n: u64) -> String {
 
 pub fn checkpoint_line(r: &ferry::checkpoint::Report, dir: &Path) -> String {
     format!(
-        "checkpointed pid {} ({} thread{}): frozen {:.3} ms, wrote {} ({} data pages, {} zero pages) to {} in {:.3} ms{}",
+        "checkpointed pid {} ({} process{}, {} thread{}): frozen {:.3} ms, wrote {} ({} data pages, {} zero pages) to {} in {:.3} ms{}",
         r.pid,
+        r.processes,
+        if r.processes == 1 { "" } else { "es" },
         r.threads,
         if r.threads == 1 { "" } else { "s" },
         ms(r.frozen),
@@ -42,6 +44,7 @@ pub fn checkpoint_line(r: &ferry::checkpoint::Report, dir: &Path) -> String {
 pub fn checkpoint_json(r: &ferry::checkpoint::Report, dir: &Path) -> Value {
     json!({
         "pid": r.pid,
+        "processes": r.processes,
         "threads": r.threads,
         "frozen_ms": ms(r.frozen),
         "state_ms": ms(r.state_time),
@@ -55,8 +58,10 @@ pub fn checkpoint_json(r: &ferry::checkpoint::Report, dir: &Path) -> Value {
 
 pub fn restore_line(r: &ferry::restore::Report) -> String {
     format!(
-        "restored pid {} ({} thread{}): {} read ({} data pages, {} zero pages) in {:.3} ms, non-memory state {:.3} ms",
+        "restored pid {} ({} process{}, {} thread{}): {} read ({} data pages, {} zero pages) in {:.3} ms, non-memory state {:.3} ms",
         r.pid,
+        r.processes,
+        if r.processes == 1 { "" } else { "es" },
         r.threads,
         if r.threads == 1 { "" } else { "s" },
         bytes(r.bytes_read),
@@ -70,6 +75,7 @@ pub fn restore_line(r: &ferry::restore::Report) -> String {
 pub fn restore_json(r: &ferry::restore::Report) -> Value {
     json!({
         "pid": r.pid,
+        "processes": r.processes,
         "threads": r.threads,
         "total_ms": ms(r.total),
         "state_ms": ms(r.state_time),

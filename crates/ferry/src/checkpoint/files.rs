@@ -24,136 +24,148 @@ const O_CLOEXEC: u32 = libc::O_CLOEXEC as u32;
 /// Captures the descriptors of `pid`, adding the open files they refer to
 /// to `inv`. `tree` lists every pid being checkpointed (pipe ends held by
 /// processes outside it make the checkpoint refuse).
-pub fn capture(
-    pid: i32,
-    tree: &[i32],
-    img: &ImageDir,
-    inv: &mut Inventory,
-) -> Result<Vec<FdImage>, CheckpointError> {
-    let unsupported = |fd: i32, what: String| CheckpointError::Unsupported {
-        pid,
-        what: format!("fd {fd} ({what})"),
-    };
-    let mut out = Vec::new();
-    // (pid, fd, ino, mnt) of every fd seen, to find shared open files.
-    let mut seen: Vec<(i32, i64, u64, u64, u32)> = Vec::new();
-    let mut pidfd = None;
-    for fd in proc::list_fds(pid)? {
-        let target = proc::fd_target(pid, fd)?;
-        let info = proc::read_fdinfo(pid, fd)?;
-        let cloexec = info.flags & O_CLOEXEC != 0;
-        let flags = info.flags & !O_CLOEXEC;
-        // One open file description shared by several fds (dup, fork).
-        if let Some(&(_, _, _, _, idx)) = seen.iter().find(|&&(p, f, ino, mnt, _)| {
-            ino == info.ino
-                && mnt == info.mnt_id
-                && sys::kcmp_same_file(p, f as i32, pid, fd).unwrap_or(false)
-        }) {
+/// Open files seen so far in the tree, to find descriptors that share one
+/// open file description (dup, or inherited across fork).
+#[derive(Default)]
+pub struct Collector {
+    /// (pid, fd, ino, mnt_id, file index)
+    seen: Vec<(i32, i32, u64, u64, u32)>,
+}
+
+impl Collector {
+    pub fn capture(
+        &mut self,
+        pid: i32,
+        tree: &[i32],
+        img: &ImageDir,
+        inv: &mut Inventory,
+    ) -> Result<Vec<FdImage>, CheckpointError> {
+        let unsupported = |fd: i32, what: String| CheckpointError::Unsupported {
+            pid,
+            what: format!("fd {fd} ({what})"),
+        };
+        let mut out = Vec::new();
+        // (pid, fd, ino, mnt) of every fd seen, to find shared open files.
+        let seen = &mut self.seen;
+        let mut pidfd = None;
+        for fd in proc::list_fds(pid)? {
+            let target = proc::fd_target(pid, fd)?;
+            let info = proc::read_fdinfo(pid, fd)?;
+            let cloexec = info.flags & O_CLOEXEC != 0;
+            let flags = info.flags & !O_CLOEXEC;
+            // One open file description shared by several fds (dup, fork).
+            if let Some(&(_, _, _, _, idx)) = seen.iter().find(|&&(p, f, ino, mnt, _)| {
+                ino == info.ino
+                    && mnt == info.mnt_id
+                    && sys::kcmp_same_file(p, f as i32, pid, fd).unwrap_or(false)
+            }) {
+                out.push(FdImage {
+                    fd,
+                    cloexec,
+                    file: idx,
+                });
+                continue;
+            }
+            let kind = if let Some(rest) = target.strip_prefix("pipe:[") {
+                let ino: u64 = rest.trim_end_matches(']').parse().unwrap_or(0);
+                check_pipe_ends(pid, tree, ino).map_err(|w| unsupported(fd, w))?;
+                let write_end = flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
+                let idx = match inv.pipes.iter().position(|p| p.ino == ino) {
+                    Some(i) => i,
+                    None => {
+                        if pidfd.is_none() {
+                            pidfd = Some(sys::pidfd_open(pid).map_err(|source| {
+                                CheckpointError::Io {
+                                    pid,
+                                    what: "pidfd_open".into(),
+                                    source,
+                                }
+                            })?);
+                        }
+                        let pfd = pidfd.as_ref().expect("opened above");
+                        let p = capture_pipe(pid, fd, pfd, ino)?;
+                        inv.pipes.push(p);
+                        inv.pipes.len() - 1
+                    }
+                };
+                FileKind::Pipe {
+                    pipe: idx as u32,
+                    write_end,
+                }
+            } else if target.starts_with('/') {
+                let link = format!("/proc/{pid}/fd/{fd}");
+                let meta = std::fs::metadata(&link).map_err(|source| CheckpointError::Io {
+                    pid,
+                    what: format!("stat fd {fd}"),
+                    source,
+                })?;
+                let ft = meta.file_type();
+                let deleted = target.ends_with(" (deleted)");
+                let path = target.trim_end_matches(" (deleted)").to_string();
+                if ft.is_char_device() {
+                    if !STATELESS_DEVICES.contains(&path.as_str()) || deleted {
+                        return Err(unsupported(fd, format!("the character device {path}")));
+                    }
+                    FileKind::CharDev {
+                        path,
+                        rdev: meta.rdev(),
+                    }
+                } else if ft.is_file() || ft.is_dir() {
+                    if path.starts_with("/memfd:") {
+                        return Err(unsupported(fd, format!("memfd {path}")));
+                    }
+                    let blob = if deleted && ft.is_file() {
+                        let mut data = Vec::new();
+                        std::fs::File::open(&link)
+                            .and_then(|mut f| f.read_to_end(&mut data))
+                            .map_err(|source| CheckpointError::Io {
+                                pid,
+                                what: format!("read deleted file of fd {fd}"),
+                                source,
+                            })?;
+                        let name = format!("blob-{}.img", inv.blobs.len());
+                        inv.blobs.push(img.write_blob(&name, &path, &data)?);
+                        Some((inv.blobs.len() - 1) as u32)
+                    } else {
+                        None
+                    };
+                    if deleted && ft.is_dir() {
+                        return Err(unsupported(fd, format!("deleted directory {path}")));
+                    }
+                    FileKind::Path {
+                        path,
+                        blob,
+                        size: meta.len(),
+                    }
+                } else {
+                    return Err(unsupported(
+                        fd,
+                        format!("{target}, a FIFO or other special file"),
+                    ));
+                }
+            } else {
+                let what = if target.starts_with("socket:") {
+                    format!("a socket, {target}")
+                } else {
+                    target.clone()
+                };
+                return Err(unsupported(fd, what));
+            };
+            inv.files.push(FileImage {
+                flags,
+                pos: info.pos,
+                kind,
+            });
+            let idx = (inv.files.len() - 1) as u32;
+            seen.push((pid, fd, info.ino, info.mnt_id, idx));
             out.push(FdImage {
                 fd,
                 cloexec,
                 file: idx,
             });
-            continue;
         }
-        let kind = if let Some(rest) = target.strip_prefix("pipe:[") {
-            let ino: u64 = rest.trim_end_matches(']').parse().unwrap_or(0);
-            check_pipe_ends(pid, tree, ino).map_err(|w| unsupported(fd, w))?;
-            let write_end = flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
-            let idx = match inv.pipes.iter().position(|p| p.ino == ino) {
-                Some(i) => i,
-                None => {
-                    if pidfd.is_none() {
-                        pidfd =
-                            Some(sys::pidfd_open(pid).map_err(|source| CheckpointError::Io {
-                                pid,
-                                what: "pidfd_open".into(),
-                                source,
-                            })?);
-                    }
-                    let pfd = pidfd.as_ref().expect("opened above");
-                    let p = capture_pipe(pid, fd, pfd, ino)?;
-                    inv.pipes.push(p);
-                    inv.pipes.len() - 1
-                }
-            };
-            FileKind::Pipe {
-                pipe: idx as u32,
-                write_end,
-            }
-        } else if target.starts_with('/') {
-            let link = format!("/proc/{pid}/fd/{fd}");
-            let meta = std::fs::metadata(&link).map_err(|source| CheckpointError::Io {
-                pid,
-                what: format!("stat fd {fd}"),
-                source,
-            })?;
-            let ft = meta.file_type();
-            let deleted = target.ends_with(" (deleted)");
-            let path = target.trim_end_matches(" (deleted)").to_string();
-            if ft.is_char_device() {
-                if !STATELESS_DEVICES.contains(&path.as_str()) || deleted {
-                    return Err(unsupported(fd, format!("the character device {path}")));
-                }
-                FileKind::CharDev {
-                    path,
-                    rdev: meta.rdev(),
-                }
-            } else if ft.is_file() || ft.is_dir() {
-                if path.starts_with("/memfd:") {
-                    return Err(unsupported(fd, format!("memfd {path}")));
-                }
-                let blob = if deleted && ft.is_file() {
-                    let mut data = Vec::new();
-                    std::fs::File::open(&link)
-                        .and_then(|mut f| f.read_to_end(&mut data))
-                        .map_err(|source| CheckpointError::Io {
-                            pid,
-                            what: format!("read deleted file of fd {fd}"),
-                            source,
-                        })?;
-                    let name = format!("blob-{}.img", inv.blobs.len());
-                    inv.blobs.push(img.write_blob(&name, &path, &data)?);
-                    Some((inv.blobs.len() - 1) as u32)
-                } else {
-                    None
-                };
-                if deleted && ft.is_dir() {
-                    return Err(unsupported(fd, format!("deleted directory {path}")));
-                }
-                FileKind::Path {
-                    path,
-                    blob,
-                    size: meta.len(),
-                }
-            } else {
-                return Err(unsupported(
-                    fd,
-                    format!("{target}, a FIFO or other special file"),
-                ));
-            }
-        } else {
-            let what = if target.starts_with("socket:") {
-                format!("a socket, {target}")
-            } else {
-                target.clone()
-            };
-            return Err(unsupported(fd, what));
-        };
-        inv.files.push(FileImage {
-            flags,
-            pos: info.pos,
-            kind,
-        });
-        let idx = (inv.files.len() - 1) as u32;
-        seen.push((pid, fd as i64, info.ino, info.mnt_id, idx));
-        out.push(FdImage {
-            fd,
-            cloexec,
-            file: idx,
-        });
+        Ok(out)
     }
-    Ok(out)
 }
 
 /// A pipe can be restored only if no process outside the tree holds it.

@@ -25,7 +25,7 @@ pub struct Stats {
 }
 
 /// Refuses areas ferry cannot restore, naming the first one.
-pub fn check_supported(pid: i32, maps: &[MapEntry]) -> Result<(), CheckpointError> {
+pub fn check_supported(pid: i32, maps: &[MapEntry], tree: &[i32]) -> Result<(), CheckpointError> {
     let unsupported = |m: &MapEntry, why: &str| CheckpointError::Unsupported {
         pid,
         what: format!(
@@ -65,7 +65,7 @@ pub fn check_supported(pid: i32, maps: &[MapEntry]) -> Result<(), CheckpointErro
     }
     let shmem: Vec<&MapEntry> = maps.iter().filter(|m| m.is_shmem()).collect();
     if !shmem.is_empty() {
-        if let Some((other, m)) = shared_with_others(pid, &shmem) {
+        if let Some((other, m)) = shared_with_others(tree, &shmem) {
             return Err(unsupported(
                 m,
                 &format!("shared with process {other}, which is not being checkpointed"),
@@ -76,13 +76,13 @@ pub fn check_supported(pid: i32, maps: &[MapEntry]) -> Result<(), CheckpointErro
 }
 
 /// Finds another process that maps one of these shared-memory objects.
-fn shared_with_others<'a>(pid: i32, shmem: &[&'a MapEntry]) -> Option<(i32, &'a MapEntry)> {
+fn shared_with_others<'a>(tree: &[i32], shmem: &[&'a MapEntry]) -> Option<(i32, &'a MapEntry)> {
     let dir = std::fs::read_dir("/proc").ok()?;
     for e in dir.flatten() {
         let Some(other) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
         };
-        if other == pid {
+        if tree.contains(&other) {
             continue;
         }
         let Ok(text) = std::fs::read_to_string(format!("/proc/{other}/maps")) else {

@@ -5,8 +5,9 @@ mod files;
 pub mod freeze;
 mod memory;
 mod task;
+pub mod tree;
 
-use crate::image::{ImageDir, ImageError, Inventory, MachineInfo};
+use crate::image::{ImageDir, ImageError, Inventory, MachineInfo, ProcessImage};
 use crate::proc::{self, ProcError};
 use crate::remote::{self, Remote, RemoteError};
 use crate::sys;
@@ -15,6 +16,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub use freeze::Frozen;
+pub use tree::FrozenTree;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -62,6 +64,7 @@ pub struct Options {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub pid: i32,
+    pub processes: usize,
     pub threads: usize,
     /// From the first PTRACE_INTERRUPT to kill/thaw.
     pub frozen: Duration,
@@ -106,7 +109,7 @@ pub fn vdso_layout(pid: i32) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Checkpoints process `pid` into `dir`.
+/// Checkpoints process `pid` and all its descendants into `dir`.
 pub fn checkpoint(pid: i32, dir: &Path, opts: &Options) -> Result<Report, CheckpointError> {
     let t0 = Instant::now();
     if pid == sys::getpid() {
@@ -119,39 +122,40 @@ pub fn checkpoint(pid: i32, dir: &Path, opts: &Options) -> Result<Report, Checkp
         return Err(CheckpointError::NoProcess { pid });
     }
     let img = ImageDir::new(dir, true)?;
-    let frozen = Frozen::freeze(pid, ptrace_options())?;
-    let captured = capture(pid, &frozen, &img);
-    let (inv, stats, state_time) = match captured {
+    let tree = FrozenTree::freeze(pid)?;
+    let since = tree
+        .tasks
+        .iter()
+        .filter_map(|t| t.frozen.as_ref().map(|f| f.since))
+        .min()
+        .unwrap_or_else(Instant::now);
+    let (inv, stats, state_time) = match capture(&tree, &img) {
         Ok(c) => c,
         Err(e) => {
-            frozen.thaw()?;
+            tree.thaw()?;
             return Err(e);
         }
     };
-    let threads = frozen.order.len();
-    let frozen_for;
-    if opts.leave_running {
-        frozen_for = frozen.since.elapsed();
-        frozen.thaw()?;
-    } else {
-        // Write the inventory before killing: without it the image is void
-        // and the process must survive.
-        if let Err(e) = img.write_inventory(&inv) {
-            frozen.thaw()?;
+    let threads = inv.processes.iter().map(|p| p.threads.len()).sum();
+    let processes = inv.processes.len();
+    // Write the inventory before killing: without it the image is void and
+    // the job must survive.
+    let inv_bytes = match img.write_inventory(&inv) {
+        Ok(n) => n,
+        Err(e) => {
+            tree.thaw()?;
             return Err(e.into());
         }
-        frozen_for = frozen.since.elapsed();
-        frozen.kill()?;
-    }
-    let inv_bytes = if opts.leave_running {
-        img.write_inventory(&inv)?
-    } else {
-        std::fs::metadata(img.path(crate::image::INVENTORY))
-            .map(|m| m.len())
-            .unwrap_or(0)
     };
+    let frozen_for = since.elapsed();
+    if opts.leave_running {
+        tree.thaw()?;
+    } else {
+        tree.kill()?;
+    }
     Ok(Report {
         pid,
+        processes,
         threads,
         frozen: frozen_for,
         state_time,
@@ -163,25 +167,16 @@ pub fn checkpoint(pid: i32, dir: &Path, opts: &Options) -> Result<Report, Checkp
     })
 }
 
-fn ptrace_options() -> u64 {
-    // If ferry dies mid-checkpoint the job must not be left stopped forever;
-    // EXITKILL would kill it instead, so ferry relies on detach-on-exit.
-    0
-}
-
-/// Captures everything while the process is frozen.
+/// Captures every process of the frozen tree.
 fn capture(
-    pid: i32,
-    frozen: &Frozen,
+    tree: &FrozenTree,
     img: &ImageDir,
 ) -> Result<(Inventory, memory::Stats, Duration), CheckpointError> {
     let t = Instant::now();
-    let maps = proc::read_smaps(pid)?;
-    memory::check_supported(pid, &maps)?;
-    tracing::debug!(elapsed = ?t.elapsed(), areas = maps.len(), "maps read and checked");
+    let pids = tree.pids();
     let mut inv = Inventory {
         machine: machine_info(),
-        root_pid: pid,
+        root_pid: tree.vpid_of(tree.tasks[0].pid),
         processes: Vec::new(),
         files: Vec::new(),
         pipes: Vec::new(),
@@ -190,19 +185,82 @@ fn capture(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0),
+        pidns: tree.ns_main.map(|m| crate::image::PidNsImage {
+            main: tree.vpid_of(m),
+        }),
     };
-    let fds = files::capture(pid, &[pid], img, &mut inv)?;
-    tracing::debug!(elapsed = ?t.elapsed(), fds = fds.len(), "descriptors captured");
-    let gadget = remote::find_vdso_gadget(pid)?;
-    let mut proc_img = task::capture_process(pid, frozen, gadget, &inv.machine)?;
-    proc_img.fds = fds;
+    let mut files = files::Collector::default();
+    let mut maps_of = Vec::new();
+    for task in &tree.tasks {
+        let pid = task.pid;
+        let Some(frozen) = task.frozen.as_ref() else {
+            let st = proc::read_stat(pid)?;
+            inv.processes
+                .push(zombie_image(tree, pid, &st, task.zombie.unwrap_or(0)));
+            maps_of.push(None);
+            continue;
+        };
+        let maps = proc::read_smaps(pid)?;
+        memory::check_supported(pid, &maps, &pids)?;
+        tracing::debug!(pid, elapsed = ?t.elapsed(), areas = maps.len(), "maps read and checked");
+        let fds = files.capture(pid, &pids, img, &mut inv)?;
+        let gadget = remote::find_vdso_gadget(pid)?;
+        let mut p = task::capture_process(pid, frozen, gadget, &inv.machine)?;
+        p.fds = fds;
+        translate_ids(tree, &mut p);
+        inv.processes.push(p);
+        maps_of.push(Some(maps));
+    }
     let state_time = t.elapsed();
     tracing::debug!(elapsed = ?state_time, "process state captured");
-    let (vmas, stats) = memory::dump(pid, &maps, img, &proc_img.pages_file)?;
+    let mut stats = memory::Stats::default();
+    for (task, (p, maps)) in tree.tasks.iter().zip(inv.processes.iter_mut().zip(maps_of)) {
+        let Some(maps) = maps else { continue };
+        let (vmas, s) = memory::dump(task.pid, &maps, img, &p.pages_file)?;
+        p.vmas = vmas;
+        stats.pages_data += s.pages_data;
+        stats.pages_zero += s.pages_zero;
+        stats.bytes += s.bytes;
+    }
     tracing::debug!(elapsed = ?t.elapsed(), pages = stats.pages_data, "memory dumped");
-    proc_img.vmas = vmas;
-    inv.processes.push(proc_img);
     Ok((inv, stats, state_time))
+}
+
+/// Records pids as the image's namespace numbers them.
+fn translate_ids(tree: &FrozenTree, p: &mut ProcessImage) {
+    p.pid = tree.vpid_of(p.pid);
+    p.ppid = tree.vpid_of(p.ppid);
+    p.pgid = tree.vpid_of(p.pgid);
+    p.sid = tree.vpid_of(p.sid);
+    for t in &mut p.threads {
+        t.tid = tree.vpid_of(t.tid);
+    }
+    p.pages_file = format!("pages-{}.img", p.pid);
+}
+
+fn zombie_image(tree: &FrozenTree, pid: i32, st: &proc::StatInfo, status: i32) -> ProcessImage {
+    ProcessImage {
+        pid: tree.vpid_of(pid),
+        zombie: Some(status),
+        ppid: tree.vpid_of(st.ppid),
+        pgid: tree.vpid_of(st.pgrp),
+        sid: tree.vpid_of(st.session),
+        comm: st.comm.clone(),
+        exe: String::new(),
+        cwd: String::new(),
+        umask: 0,
+        personality: 0,
+        rlimits: Vec::new(),
+        mm: Default::default(),
+        auxv: Vec::new(),
+        vmas: Vec::new(),
+        threads: Vec::new(),
+        sigactions: Vec::new(),
+        shared_pending: Vec::new(),
+        itimers: Default::default(),
+        fds: Vec::new(),
+        pages_file: String::new(),
+    }
 }
 
 /// Makes a Remote for a frozen thread (used by task capture).

@@ -120,6 +120,7 @@ fn capture_with(
     }
     Ok(ProcessImage {
         pid,
+        zombie: None,
         ppid: stat.ppid,
         pgid: stat.pgrp,
         sid: stat.session,

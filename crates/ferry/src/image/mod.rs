@@ -99,7 +99,7 @@ impl ImageDir {
         let inv: Inventory =
             format::decode(&path, FileKindTag::Inventory, &bytes, format::MAX_INVENTORY)?;
         validate::inventory(&path, &inv)?;
-        for p in &inv.processes {
+        for p in inv.processes.iter().filter(|p| p.zombie.is_none()) {
             let store = PageStoreReader::open(&self.path(&p.pages_file))?;
             validate::page_offsets(&store.path, p, store.payload_len)?;
         }

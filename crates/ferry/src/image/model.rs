@@ -24,6 +24,17 @@ pub struct Inventory {
     pub blobs: Vec<BlobRef>,
     /// Wall-clock time of the checkpoint, ns since the epoch.
     pub created_ns: u64,
+    /// Set when the tree ran in a PID namespace made by `ferry run`: all
+    /// pids in the image are then the namespace's, and restore recreates it.
+    pub pidns: Option<PidNsImage>,
+}
+
+/// A job started by `ferry run`: its own PID namespace, whose init (pid 1)
+/// is ferry's and is recreated rather than restored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PidNsImage {
+    /// pid (inside the namespace) of the job's main process.
+    pub main: i32,
 }
 
 /// What must be equal between the checkpointing and the restoring machine.
@@ -43,6 +54,9 @@ pub struct MachineInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ProcessImage {
     pub pid: i32,
+    /// Raw wait status of a zombie (exited, not yet reaped by its parent);
+    /// a zombie has no threads, memory or files.
+    pub zombie: Option<i32>,
     pub ppid: i32,
     pub pgid: i32,
     pub sid: i32,

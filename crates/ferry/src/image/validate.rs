@@ -63,6 +63,20 @@ pub fn inventory(path: &Path, inv: &Inventory) -> Result<(), ImageError> {
             _ => {}
         }
     }
+    // Parents come before their children, so restore can fork each process
+    // from its already-created parent.
+    for (i, p) in inv.processes.iter().enumerate() {
+        let parent_later = inv.processes[i..].iter().any(|q| q.pid == p.ppid);
+        if parent_later && p.pid != inv.root_pid {
+            return bad(format!(
+                "process {} is listed before its parent {}",
+                p.pid, p.ppid
+            ));
+        }
+        if p.pid == inv.root_pid && i != 0 {
+            return bad("the root process is not first".into());
+        }
+    }
     for p in &inv.processes {
         if let Err(why) = process(inv, p) {
             return bad(format!("process {}: {why}", p.pid));
@@ -72,6 +86,12 @@ pub fn inventory(path: &Path, inv: &Inventory) -> Result<(), ImageError> {
 }
 
 fn process(inv: &Inventory, p: &ProcessImage) -> Result<(), String> {
+    if p.zombie.is_some() {
+        if !p.threads.is_empty() || !p.vmas.is_empty() || !p.fds.is_empty() {
+            return Err("a zombie with threads, memory or files".into());
+        }
+        return Ok(());
+    }
     let first = p.threads.first().ok_or("no threads")?;
     if first.tid != p.pid {
         return Err(format!("first thread {} is not the leader", first.tid));

@@ -54,6 +54,8 @@ pub struct StatInfo {
     pub exit_signal: i32,
     /// (39) CPU last run on.
     pub processor: i32,
+    /// Field 52: the wait status of a zombie (0 while running).
+    pub exit_code: i32,
 }
 
 /// Parses stat text; errors name the file "stat".
@@ -120,6 +122,8 @@ pub fn parse_stat_at(path: &Path, text: &str) -> Result<StatInfo, ProcError> {
         arg_end: f.num(49)?,
         env_start: f.num(50)?,
         env_end: f.num(51)?,
+        // Absent on kernels before 3.5.
+        exit_code: f.num(52).unwrap_or(0),
     })
 }
 

@@ -2,6 +2,7 @@
 //! stored pages with `process_vm_writev` in large batches, then apply the
 //! final protections, madvise flags, guard regions and mm fields.
 
+use super::filetable::FileTable;
 use super::stub::Stub;
 use super::RestoreError;
 use crate::image::{ImageDir, PageKind, PageStoreReader, ProcessImage, Vma, VmaKind};
@@ -21,10 +22,29 @@ pub struct Stats {
 
 const RW: u64 = (libc::PROT_READ | libc::PROT_WRITE) as u64;
 
-pub fn restore(st: &mut Stub, img: &ImageDir, p: &ProcessImage) -> Result<Stats, RestoreError> {
-    let mut shmem_fds: HashMap<u64, u64> = HashMap::new();
+pub fn restore(
+    st: &mut Stub,
+    img: &ImageDir,
+    table: &FileTable,
+    p: &ProcessImage,
+) -> Result<Stats, RestoreError> {
+    // Shared memory objects come from ferry's table, so processes of the
+    // tree that shared them share them again.
+    let mut ids: Vec<u64> = p
+        .vmas
+        .iter()
+        .filter_map(|v| match v.kind {
+            VmaKind::Shmem { id, .. } => Some(id),
+            _ => None,
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let local: Vec<i32> = ids.iter().filter_map(|&id| table.shmem(id)).collect();
+    let got = st.receive_fds(&local)?;
+    let mut shmem_fds: HashMap<u64, u64> = ids.into_iter().zip(got).collect();
     for v in &p.vmas {
-        map_area(st, v, &mut shmem_fds)?;
+        map_area(st, v, &shmem_fds)?;
     }
     for (_, fd) in shmem_fds.drain() {
         st.call("close", libc::SYS_close, &[fd])?;
@@ -39,7 +59,7 @@ pub fn restore(st: &mut Stub, img: &ImageDir, p: &ProcessImage) -> Result<Stats,
     Ok(stats)
 }
 
-fn map_area(st: &mut Stub, v: &Vma, shmem_fds: &mut HashMap<u64, u64>) -> Result<(), RestoreError> {
+fn map_area(st: &mut Stub, v: &Vma, shmem_fds: &HashMap<u64, u64>) -> Result<(), RestoreError> {
     let len = v.len();
     match &v.kind {
         VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => {}
@@ -95,20 +115,12 @@ fn map_area(st: &mut Stub, v: &Vma, shmem_fds: &mut HashMap<u64, u64>) -> Result
                 });
             }
         }
-        VmaKind::Shmem {
-            id, size, offset, ..
-        } => {
-            let fd = match shmem_fds.get(id) {
-                Some(&fd) => fd,
-                None => {
-                    st.r.reset_scratch();
-                    let name = st.r.put_cstr("ferry-shmem")?;
-                    let fd = st.call("memfd_create", libc::SYS_memfd_create, &[name, 0])?;
-                    st.call("ftruncate", libc::SYS_ftruncate, &[fd, *size])?;
-                    shmem_fds.insert(*id, fd);
-                    fd
-                }
-            };
+        VmaKind::Shmem { id, offset, .. } => {
+            let fd = *shmem_fds.get(id).ok_or_else(|| RestoreError::Step {
+                pid: st.pid,
+                what: format!("shared memory at {:#x}", v.start),
+                why: "object missing from the file table".into(),
+            })?;
             st.call(
                 "mmap(shmem)",
                 libc::SYS_mmap,

@@ -5,6 +5,7 @@
 //! Nothing of ferry's code runs inside it.
 
 mod files;
+mod filetable;
 mod memory;
 mod stub;
 mod task;
@@ -12,6 +13,7 @@ mod task;
 use crate::image::{ImageDir, ImageError, Inventory, ProcessImage};
 use crate::remote::RemoteError;
 use crate::sys;
+use filetable::FileTable;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -43,7 +45,9 @@ pub enum RestoreError {
 /// What a restore did.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The root's pid as the caller sees it.
     pub pid: i32,
+    pub processes: usize,
     pub threads: usize,
     pub pages_data: u64,
     pub pages_zero: u64,
@@ -54,22 +58,143 @@ pub struct Report {
     pub state_time: Duration,
 }
 
-/// Restores the image in `dir`; on success the process runs, as a child of
-/// the caller. On failure nothing is left behind.
+/// Restores the image in `dir`; on success the tree runs, its root a child
+/// of the caller. On failure nothing is left behind.
 pub fn restore(dir: &Path) -> Result<Report, RestoreError> {
     let img = ImageDir::new(dir, false)?;
     let inv = img.read_inventory()?;
     check_machine(&inv)?;
-    let p = inv
-        .process(inv.root_pid)
-        .ok_or_else(|| RestoreError::Step {
-            pid: inv.root_pid,
-            what: "the image".into(),
-            why: "root process missing".into(),
-        })?
-        .clone();
-    preflight(&inv, &p)?;
-    restore_process(&img, &inv, &p)
+    preflight(&inv)?;
+    let t0 = Instant::now();
+    let mut table = FileTable::open(&img, &inv)?;
+    let avoid: Vec<(u64, u64)> = inv
+        .processes
+        .iter()
+        .flat_map(|p| p.vmas.iter().map(|v| (v.start, v.end)))
+        .collect();
+    let mut stubs = create_tree(&inv, &avoid)?;
+    tracing::debug!(elapsed = ?t0.elapsed(), processes = stubs.len(), "stubs ready");
+    let mut stats = memory::Stats::default();
+    let mut state_time = Duration::ZERO;
+    for (st, p) in stubs.iter_mut().zip(&inv.processes) {
+        if p.zombie.is_some() {
+            continue;
+        }
+        st.place_vdso(p)?;
+        let s = memory::restore(st, &img, &table, p)?;
+        stats.pages_data += s.pages_data;
+        stats.pages_zero += s.pages_zero;
+        stats.bytes += s.bytes;
+        let t = Instant::now();
+        files::restore(st, &table, p)?;
+        task::restore_process_state(st, p)?;
+        task::restore_threads(st, p)?;
+        state_time += t.elapsed();
+    }
+    tracing::debug!(elapsed = ?t0.elapsed(), pages = stats.pages_data, "processes rebuilt");
+    table.unlink_temp();
+    let root_pid = stubs[0].pid;
+    finish_zombies(&mut stubs, &inv)?;
+    // Children first: a parent that runs finds its children complete.
+    for st in stubs.into_iter().rev() {
+        st.release()?;
+    }
+    Ok(Report {
+        pid: root_pid,
+        processes: inv.processes.len(),
+        threads: inv.processes.iter().map(|p| p.threads.len()).sum(),
+        pages_data: stats.pages_data,
+        pages_zero: stats.pages_zero,
+        bytes_read: stats.bytes,
+        total: t0.elapsed(),
+        state_time,
+    })
+}
+
+/// Creates one stub per process, parents before children, each child
+/// forked from its parent's stub so parent links, sessions and groups are
+/// the image's. The stubs are still empty.
+fn create_tree(inv: &Inventory, avoid: &[(u64, u64)]) -> Result<Vec<stub::Stub>, RestoreError> {
+    let root = &inv.processes[0];
+    let mut stubs = vec![stub::Stub::create(root.pid, root, avoid)?];
+    set_session(&mut stubs[0], root)?;
+    for p in &inv.processes[1..] {
+        let parent = inv
+            .processes
+            .iter()
+            .position(|q| q.pid == p.ppid)
+            .ok_or_else(|| RestoreError::Step {
+                pid: p.pid,
+                what: "the process tree".into(),
+                why: format!("parent {} is not in the image", p.ppid),
+            })?;
+        let child = stubs[parent].fork_child(p.pid)?;
+        stubs.push(child);
+        let last = stubs.len() - 1;
+        set_session(&mut stubs[last], p)?;
+    }
+    // Groups led by a process created after their members' fork.
+    let in_tree = |pid: i32| inv.processes.iter().any(|q| q.pid == pid);
+    for (st, p) in stubs.iter_mut().zip(&inv.processes) {
+        if p.pgid != p.pid && p.sid != p.pid && in_tree(p.pgid) {
+            let r =
+                st.r.syscall_raw("setpgid", libc::SYS_setpgid, &[0, p.pgid as u64])?;
+            if r.0 < 0 {
+                tracing::warn!(
+                    pid = p.pid,
+                    pgid = p.pgid,
+                    "cannot rejoin process group: errno {}",
+                    -r.0
+                );
+            }
+        }
+    }
+    Ok(stubs)
+}
+
+/// A session or group leader becomes one again before it forks children,
+/// so they inherit its session as they did.
+fn set_session(st: &mut stub::Stub, p: &ProcessImage) -> Result<(), RestoreError> {
+    if p.sid == p.pid {
+        st.call("setsid", libc::SYS_setsid, &[])?;
+    } else if p.pgid == p.pid {
+        st.call("setpgid", libc::SYS_setpgid, &[0, 0])?;
+    }
+    Ok(())
+}
+
+/// Zombies exit again with their status while their parents are stopped;
+/// the SIGCHLD that causes is withdrawn where the image had none pending.
+fn finish_zombies(stubs: &mut Vec<stub::Stub>, inv: &Inventory) -> Result<(), RestoreError> {
+    let mut parents = Vec::new();
+    for i in (0..stubs.len()).rev() {
+        let p = &inv.processes[i];
+        if let Some(status) = p.zombie {
+            let st = stubs.remove(i);
+            st.exit_as_zombie(status)?;
+            if let Some(j) = inv.processes.iter().position(|q| q.pid == p.ppid) {
+                parents.push(j);
+            }
+        }
+    }
+    parents.sort_unstable();
+    parents.dedup();
+    for j in parents {
+        let p = &inv.processes[j];
+        let had = p
+            .shared_pending
+            .iter()
+            .any(|s| i32::from_ne_bytes([s[0], s[1], s[2], s[3]]) == libc::SIGCHLD);
+        // Indices shift as zombies are removed; find the stub by pid.
+        let vpid = p.pid;
+        if had {
+            continue;
+        }
+        if let Some(st) = stubs.iter_mut().find(|s| s.vpid == vpid) {
+            st.drain_signal(libc::SIGCHLD)?;
+        }
+    }
+    Ok(())
 }
 
 fn check_machine(inv: &Inventory) -> Result<(), RestoreError> {
@@ -102,12 +227,7 @@ fn check_machine(inv: &Inventory) -> Result<(), RestoreError> {
 }
 
 /// Everything that can be checked before touching anything.
-fn preflight(inv: &Inventory, p: &ProcessImage) -> Result<(), RestoreError> {
-    for t in &p.threads {
-        if sys::pid_exists(t.tid) {
-            return Err(RestoreError::PidInUse { pid: t.tid });
-        }
-    }
+fn preflight(inv: &Inventory) -> Result<(), RestoreError> {
     let exists = |path: &str, why: &str| {
         if Path::new(path).exists() {
             Ok(())
@@ -118,54 +238,44 @@ fn preflight(inv: &Inventory, p: &ProcessImage) -> Result<(), RestoreError> {
             })
         }
     };
-    exists(&p.exe, "the executable is missing")?;
-    exists(&p.cwd, "the working directory is missing")?;
-    for v in &p.vmas {
-        if let crate::image::VmaKind::File {
-            path, blob: None, ..
-        } = &v.kind
-        {
-            exists(path, &format!("mapped at {:#x} but missing", v.start))?;
+    for p in inv.processes.iter().filter(|p| p.zombie.is_none()) {
+        // In a new pid namespace every number is free.
+        if inv.pidns.is_none() {
+            for t in &p.threads {
+                if sys::pid_exists(t.tid) {
+                    return Err(RestoreError::PidInUse { pid: t.tid });
+                }
+            }
+        }
+        exists(&p.exe, "the executable is missing")?;
+        exists(&p.cwd, "the working directory is missing")?;
+        for v in &p.vmas {
+            if let crate::image::VmaKind::File {
+                path, blob: None, ..
+            } = &v.kind
+            {
+                exists(path, &format!("mapped at {:#x} but missing", v.start))?;
+            }
+        }
+        for f in &p.fds {
+            if let Some(crate::image::FileImage {
+                kind:
+                    crate::image::FileKind::Path {
+                        path, blob: None, ..
+                    },
+                ..
+            }) = inv.files.get(f.file as usize)
+            {
+                exists(path, &format!("open as fd {} but missing", f.fd))?;
+            }
         }
     }
-    for f in &p.fds {
-        if let Some(crate::image::FileImage {
-            kind: crate::image::FileKind::Path {
-                path, blob: None, ..
-            },
-            ..
-        }) = inv.files.get(f.file as usize)
-        {
-            exists(path, &format!("open as fd {} but missing", f.fd))?;
+    if inv.pidns.is_none() {
+        for p in inv.processes.iter().filter(|p| p.zombie.is_some()) {
+            if sys::pid_exists(p.pid) {
+                return Err(RestoreError::PidInUse { pid: p.pid });
+            }
         }
     }
     Ok(())
-}
-
-fn restore_process(
-    img: &ImageDir,
-    inv: &Inventory,
-    p: &ProcessImage,
-) -> Result<Report, RestoreError> {
-    let t0 = Instant::now();
-    let mut st = stub::Stub::create(p.pid, p)?;
-    // Any error from here on kills the stub (Drop) and leaves nothing.
-    tracing::debug!(elapsed = ?t0.elapsed(), "stub ready");
-    let stats = memory::restore(&mut st, img, p)?;
-    tracing::debug!(elapsed = ?t0.elapsed(), pages = stats.pages_data, "memory restored");
-    let t_state = Instant::now();
-    files::restore(&mut st, img, inv, p)?;
-    task::restore_process_state(&mut st, p)?;
-    task::restore_threads(&mut st, p)?;
-    let state_time = t_state.elapsed();
-    st.release()?;
-    Ok(Report {
-        pid: p.pid,
-        threads: p.threads.len(),
-        pages_data: stats.pages_data,
-        pages_zero: stats.pages_zero,
-        bytes_read: stats.bytes,
-        total: t0.elapsed(),
-        state_time,
-    })
 }

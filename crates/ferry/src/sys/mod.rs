@@ -380,3 +380,51 @@ pub fn close_extra_fds_on_spawn(cmd: &mut std::process::Command) {
         });
     }
 }
+
+/// Most descriptors one SCM_RIGHTS message may carry (SCM_MAX_FD).
+pub const SCM_MAX_FD: usize = 253;
+
+/// Sends descriptors over a unix socket with one SCM_RIGHTS message
+/// (one data byte, as the kernel requires some payload).
+pub fn send_fds(sock: RawFd, fds: &[RawFd]) -> io::Result<()> {
+    assert!(!fds.is_empty() && fds.len() <= SCM_MAX_FD);
+    let payload = [0u8; 1];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr() as *mut libc::c_void,
+        iov_len: 1,
+    };
+    let data_len = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(data_len as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    // SAFETY: msghdr is plain data; the pointers set below stay valid for
+    // the sendmsg call; the CMSG_* macros are used on a buffer of CMSG_SPACE
+    // bytes, aligned for cmsghdr (u64 storage).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(data_len as u32) as usize;
+        std::ptr::copy_nonoverlapping(
+            fds.as_ptr(),
+            libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+            fds.len(),
+        );
+        cvt(libc::sendmsg(sock, &msg, 0) as libc::c_long)?;
+    }
+    Ok(())
+}
+
+/// `memfd_create(name, MFD_CLOEXEC)`.
+pub fn memfd_create(name: &str) -> io::Result<OwnedFd> {
+    let c = std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `c` is a valid NUL-terminated string.
+    let fd = cvt_i(unsafe { libc::memfd_create(c.as_ptr(), libc::MFD_CLOEXEC) })?;
+    // SAFETY: new descriptor owned by us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
