@@ -88,6 +88,43 @@ The restored process joins the session and process group of `ferry restore`."
         #[arg(long)]
         json: bool,
     },
+    /// Run a command as a job that ferry can always restore: in its own PID namespace.
+    #[command(
+        long_about = "Start CMD in a new PID namespace whose pid 1 is a minimal init \
+(it reaps orphans and forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 to the \
+job). Because the namespace belongs to the job alone, its PIDs are always free when the \
+job is restored: `ferry checkpoint` given the job's PID takes the whole job, and `ferry \
+restore` recreates the namespace with the same PIDs inside.\n\n\
+In the foreground, waits for the job and exits with its status. With --detach, prints the \
+PID of the job's main process as the caller sees it and returns. The job inherits stdin, \
+stdout and stderr; redirect them to files to checkpoint it (ferry refuses terminals and \
+pipes to processes outside the job)."
+    )]
+    Run {
+        /// Print the job's PID and return instead of waiting.
+        #[arg(long)]
+        detach: bool,
+        /// Append the job's stdout and stderr to FILE (stdin: /dev/null).
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        /// The command and its arguments.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        cmd: Vec<std::ffi::OsString>,
+    },
+    /// pid 1 of a job's namespace (internal).
+    #[command(name = "__init", hide = true)]
+    Init {
+        /// Wait for this (restored) pid instead of starting a command.
+        #[arg(long)]
+        adopt: Option<i32>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<std::ffi::OsString>,
+    },
     /// Print an image's metadata (processes, areas, files, signals) as JSON.
     #[command(
         long_about = "Validate the image in DIR (checksums, bounds, references) and \
@@ -137,6 +174,15 @@ fn one_line(e: &anyhow::Error) -> String {
     out.replace('\n', " ")
 }
 
+fn exit_code_of(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => ExitCode::from(c as u8),
+        (None, Some(s)) => ExitCode::from(128 + s as u8),
+        _ => ExitCode::from(1),
+    }
+}
+
 fn require_root() -> Result<()> {
     if ferry::sys::geteuid() != 0 {
         bail!("ferry needs root (ptrace, clone3 set_tid, PR_SET_MM_MAP); run it with sudo");
@@ -166,6 +212,42 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Run { detach, log, cmd } => {
+            require_root()?;
+            let mut args = vec![std::ffi::OsString::from("--")];
+            args.extend(cmd);
+            let io = match log {
+                Some(p) => ferry::jobinit::InitIo::Log(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(&p)
+                        .with_context(|| format!("cannot open log file {}", p.display()))?,
+                ),
+                None => ferry::jobinit::InitIo::Inherit,
+            };
+            let mut init = ferry::jobinit::spawn_init(&args, io)
+                .context("cannot start the job's namespace")?;
+            if detach {
+                let pid = ferry::jobinit::first_child(
+                    init.id() as i32,
+                    std::time::Duration::from_secs(10),
+                )
+                .context("the job did not start")?;
+                println!("{pid}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            ferry::sys::ignore_interactive_signals();
+            let status = init.wait().context("waiting for the job")?;
+            Ok(exit_code_of(status))
+        }
+        Cmd::Init { adopt, cmd } => {
+            let main = match adopt {
+                Some(pid) => ferry::jobinit::Main::Adopt(pid),
+                None => ferry::jobinit::Main::Spawn(cmd),
+            };
+            Ok(ExitCode::from(ferry::jobinit::run_init(main) as u8))
+        }
         Cmd::Inspect { dir } => {
             let img = ferry::image::ImageDir::new(&dir, false)?;
             let inv = img.read_inventory()?;
@@ -185,8 +267,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             tracing::info!("{}", fmt::restore_line(&rep));
             ferry::sys::ignore_interactive_signals();
-            let status = ferry::sys::waitpid(rep.pid, 0)
-                .with_context(|| format!("waiting for pid {}", rep.pid))?;
+            let status = ferry::sys::waitpid(rep.wait_pid, 0)
+                .with_context(|| format!("waiting for pid {}", rep.wait_pid))?;
             Ok(match status {
                 Some((_, ferry::sys::WaitStatus::Exited(c))) => ExitCode::from(c as u8),
                 Some((_, ferry::sys::WaitStatus::Signaled(s))) => ExitCode::from(128 + s as u8),

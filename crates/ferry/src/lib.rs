@@ -8,6 +8,7 @@
 
 pub mod checkpoint;
 pub mod image;
+pub mod jobinit;
 pub mod proc;
 pub mod remote;
 pub mod restore;

@@ -47,6 +47,9 @@ pub enum RestoreError {
 pub struct Report {
     /// The root's pid as the caller sees it.
     pub pid: i32,
+    /// The caller's child to wait for: the root, or the init of the job's
+    /// new pid namespace (which exits with the job's status).
+    pub wait_pid: i32,
     pub processes: usize,
     pub threads: usize,
     pub pages_data: u64,
@@ -72,7 +75,23 @@ pub fn restore(dir: &Path) -> Result<Report, RestoreError> {
         .iter()
         .flat_map(|p| p.vmas.iter().map(|v| (v.start, v.end)))
         .collect();
-    let mut stubs = create_tree(&inv, &avoid)?;
+    // A `ferry run` job gets a fresh namespace and init; its processes are
+    // recreated inside with their namespace pids.
+    let init = match &inv.pidns {
+        Some(ns) => Some(InitGuard(
+            crate::jobinit::spawn_init(
+                &["--adopt".into(), ns.main.to_string().into()],
+                crate::jobinit::InitIo::Null,
+            )
+            .map_err(|e| RestoreError::Step {
+                pid: ns.main,
+                what: "the job's pid namespace".into(),
+                why: e.to_string(),
+            })?,
+        )),
+        None => None,
+    };
+    let mut stubs = create_tree(&inv, &avoid, init.as_ref().map(|i| i.0.id() as i32))?;
     tracing::debug!(elapsed = ?t0.elapsed(), processes = stubs.len(), "stubs ready");
     let mut stats = memory::Stats::default();
     let mut state_time = Duration::ZERO;
@@ -99,8 +118,13 @@ pub fn restore(dir: &Path) -> Result<Report, RestoreError> {
     for st in stubs.into_iter().rev() {
         st.release()?;
     }
+    let wait_pid = match init {
+        Some(g) => g.release(),
+        None => root_pid,
+    };
     Ok(Report {
         pid: root_pid,
+        wait_pid,
         processes: inv.processes.len(),
         threads: inv.processes.iter().map(|p| p.threads.len()).sum(),
         pages_data: stats.pages_data,
@@ -114,22 +138,27 @@ pub fn restore(dir: &Path) -> Result<Report, RestoreError> {
 /// Creates one stub per process, parents before children, each child
 /// forked from its parent's stub so parent links, sessions and groups are
 /// the image's. The stubs are still empty.
-fn create_tree(inv: &Inventory, avoid: &[(u64, u64)]) -> Result<Vec<stub::Stub>, RestoreError> {
-    let root = &inv.processes[0];
-    let mut stubs = vec![stub::Stub::create(root.pid, root, avoid)?];
-    set_session(&mut stubs[0], root)?;
-    for p in &inv.processes[1..] {
-        let parent = inv
-            .processes
-            .iter()
-            .position(|q| q.pid == p.ppid)
-            .ok_or_else(|| RestoreError::Step {
-                pid: p.pid,
-                what: "the process tree".into(),
-                why: format!("parent {} is not in the image", p.ppid),
-            })?;
-        let child = stubs[parent].fork_child(p.pid)?;
-        stubs.push(child);
+fn create_tree(
+    inv: &Inventory,
+    avoid: &[(u64, u64)],
+    init: Option<i32>,
+) -> Result<Vec<stub::Stub>, RestoreError> {
+    let mut stubs: Vec<stub::Stub> = Vec::with_capacity(inv.processes.len());
+    for p in &inv.processes {
+        let parent = inv.processes.iter().position(|q| q.pid == p.ppid);
+        let st = match (parent, init) {
+            (Some(i), _) if i < stubs.len() => stubs[i].fork_child(p.pid)?,
+            (None, Some(init)) => stub::Stub::create_in_namespace(init, p.pid, p, avoid)?,
+            (None, None) if stubs.is_empty() => stub::Stub::create(p.pid, p, avoid)?,
+            _ => {
+                return Err(RestoreError::Step {
+                    pid: p.pid,
+                    what: "the process tree".into(),
+                    why: format!("parent {} is not in the image", p.ppid),
+                })
+            }
+        };
+        stubs.push(st);
         let last = stubs.len() - 1;
         set_session(&mut stubs[last], p)?;
     }
@@ -150,6 +179,24 @@ fn create_tree(inv: &Inventory, avoid: &[(u64, u64)]) -> Result<Vec<stub::Stub>,
         }
     }
     Ok(stubs)
+}
+
+/// Kills the new namespace (through its init) unless the restore completes.
+struct InitGuard(std::process::Child);
+
+impl InitGuard {
+    fn release(self) -> i32 {
+        let pid = self.0.id() as i32;
+        std::mem::forget(self);
+        pid
+    }
+}
+
+impl Drop for InitGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A session or group leader becomes one again before it forks children,

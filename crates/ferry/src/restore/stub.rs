@@ -44,44 +44,41 @@ impl Stub {
             _ => RestoreError::Clone { pid, source: e },
         })?;
         let pt = |op| move |source| RestoreError::Ptrace { pid, op, source };
-        let pidfd = match sys::pidfd_open(child) {
-            Ok(fd) => fd,
-            Err(e) => {
-                let _ = sys::kill(child, libc::SIGKILL);
-                let _ = sys::waitpid(child, 0);
-                return Err(pt("pidfd_open")(e));
-            }
-        };
-        let attach = || -> Result<Remote, RestoreError> {
+        let attach = || -> Result<(), RestoreError> {
             ptrace::seize(child, STUB_PTRACE_OPTIONS).map_err(pt("SEIZE"))?;
             ptrace::interrupt(child).map_err(pt("INTERRUPT"))?;
-            loop {
-                match sys::waitpid(child, libc::__WALL).map_err(pt("waitpid"))? {
-                    Some((_, WaitStatus::Stopped { .. })) => break,
-                    Some((_, status)) => {
-                        return Err(RestoreError::Step {
-                            pid,
-                            what: "the stub".into(),
-                            why: format!("it ended early: {status:?}"),
-                        })
-                    }
-                    None => {}
-                }
-            }
-            ptrace::set_sigmask(child, sys::ALL_SIGNALS).map_err(pt("SETSIGMASK"))?;
-            Ok(Remote::new(child, find_vdso_gadget(child)?)?)
+            wait_stopped(child, pid)
         };
-        let r = match attach() {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = sys::kill(child, libc::SIGKILL);
-                let _ = sys::waitpid(child, libc::__WALL);
-                return Err(e);
+        if let Err(e) = attach() {
+            let _ = sys::kill(child, libc::SIGKILL);
+            let _ = sys::waitpid(child, libc::__WALL);
+            return Err(e);
+        }
+        Stub::take(child, pid, p, avoid)
+    }
+
+    /// Turns a traced, stopped process into an empty stub.
+    fn take(
+        child: i32,
+        vpid: i32,
+        p: &ProcessImage,
+        avoid: &[(u64, u64)],
+    ) -> Result<Stub, RestoreError> {
+        let guard = KillOnDrop(child);
+        let pt = |op| {
+            move |source| RestoreError::Ptrace {
+                pid: child,
+                op,
+                source,
             }
         };
+        ptrace::set_sigmask(child, sys::ALL_SIGNALS).map_err(pt("SETSIGMASK"))?;
+        let r = Remote::new(child, find_vdso_gadget(child)?)?;
+        let pidfd = sys::pidfd_open(child).map_err(pt("pidfd_open"))?;
+        std::mem::forget(guard);
         let mut st = Stub {
             pid: child,
-            vpid: pid,
+            vpid,
             r,
             area: 0,
             pidfd,
@@ -98,60 +95,13 @@ impl Stub {
     /// by a remote clone3 in this one. The child starts traced and stopped,
     /// with this stub's emptied address space (gadget area and vDSO).
     pub fn fork_child(&mut self, vpid: i32) -> Result<Stub, RestoreError> {
-        self.r.reset_scratch();
-        let set_tid = self.r.put(&vpid.to_ne_bytes())?;
-        let args = sys::CloneArgs {
-            exit_signal: libc::SIGCHLD as u64,
-            set_tid,
-            set_tid_size: 1,
-            ..Default::default()
-        };
-        let a = self.r.put(sys::pod_bytes(&args))?;
-        let (r, ev) = self.r.syscall_raw(
-            "clone3(process)",
-            libc::SYS_clone3,
-            &[a, std::mem::size_of::<sys::CloneArgs>() as u64],
-        )?;
-        if r < 0 {
-            return Err(match -r as i32 {
-                libc::EEXIST => RestoreError::PidInUse { pid: vpid },
-                e => RestoreError::Clone {
-                    pid: vpid,
-                    source: std::io::Error::from_raw_os_error(e),
-                },
-            });
-        }
-        let child = ev
-            .new_tasks
-            .first()
-            .copied()
-            .ok_or_else(|| RestoreError::Step {
-                pid: vpid,
-                what: "the process".into(),
-                why: "clone3 reported no fork event".into(),
-            })?;
-        let pt = |op| {
-            move |source| RestoreError::Ptrace {
-                pid: child,
-                op,
-                source,
-            }
-        };
+        let child = remote_fork(&mut self.r, vpid)?;
         let guard = KillOnDrop(child);
-        loop {
-            match sys::waitpid(child, libc::__WALL).map_err(pt("waitpid"))? {
-                Some((_, WaitStatus::Stopped { .. })) => break,
-                Some((_, status)) => {
-                    return Err(RestoreError::Step {
-                        pid: vpid,
-                        what: "the process".into(),
-                        why: format!("it ended at creation: {status:?}"),
-                    })
-                }
-                None => {}
-            }
-        }
-        let pidfd = sys::pidfd_open(child).map_err(pt("pidfd_open"))?;
+        let pidfd = sys::pidfd_open(child).map_err(|source| RestoreError::Ptrace {
+            pid: child,
+            op: "pidfd_open",
+            source,
+        })?;
         let mut r = Remote::new(child, self.r.gadget())?;
         let (scratch, len) = self.r.scratch().unwrap_or((0, 0));
         r.use_scratch(scratch, len);
@@ -167,6 +117,40 @@ impl Stub {
             threads: Vec::new(),
             released: false,
         })
+    }
+
+    /// Makes a stub with `vpid` as a child of `init` (pid 1 of a new pid
+    /// namespace, ferry's own `__init`), by a remote clone3 in init, which
+    /// is then let go untouched.
+    pub fn create_in_namespace(
+        init: i32,
+        vpid: i32,
+        p: &ProcessImage,
+        avoid: &[(u64, u64)],
+    ) -> Result<Stub, RestoreError> {
+        let pt = |op| {
+            move |source| RestoreError::Ptrace {
+                pid: init,
+                op,
+                source,
+            }
+        };
+        ptrace::seize(init, ptrace::O_TRACEFORK).map_err(pt("SEIZE"))?;
+        let result = (|| {
+            ptrace::interrupt(init).map_err(pt("INTERRUPT"))?;
+            wait_stopped(init, vpid)?;
+            let mut r = Remote::new(init, find_vdso_gadget(init)?)?;
+            r.map_scratch(4096)?;
+            let child = remote_fork(&mut r, vpid);
+            r.unmap_scratch()?;
+            r.finish()?;
+            child
+        })();
+        let _ = ptrace::detach(init, 0);
+        let child = result?;
+        // The child was auto-attached with init's options; add ours.
+        ptrace::set_options(child, STUB_PTRACE_OPTIONS).map_err(pt("SETOPTIONS"))?;
+        Stub::take(child, vpid, p, avoid)
     }
 
     /// Moves the vDSO block to where the image had it (a forked stub has
@@ -460,6 +444,69 @@ impl Stub {
             let _ = std::fs::remove_file(f);
         }
     }
+}
+
+/// Waits for the ptrace stop of a task ferry just attached or created.
+fn wait_stopped(tid: i32, vpid: i32) -> Result<(), RestoreError> {
+    loop {
+        match sys::waitpid(tid, libc::__WALL).map_err(|source| RestoreError::Ptrace {
+            pid: tid,
+            op: "waitpid",
+            source,
+        })? {
+            Some((_, WaitStatus::Stopped { .. })) => return Ok(()),
+            Some((_, status)) => {
+                return Err(RestoreError::Step {
+                    pid: vpid,
+                    what: "the process".into(),
+                    why: format!("it ended at creation: {status:?}"),
+                })
+            }
+            None => {}
+        }
+    }
+}
+
+/// A remote clone3 (fork-like, exact pid `vpid` in the caller's pid
+/// namespace) in the process `r` drives; returns the child's pid as ferry
+/// sees it, stopped and traced.
+fn remote_fork(r: &mut Remote, vpid: i32) -> Result<i32, RestoreError> {
+    r.reset_scratch();
+    let set_tid = r.put(&vpid.to_ne_bytes())?;
+    let args = sys::CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    let a = r.put(sys::pod_bytes(&args))?;
+    let (ret, ev) = r.syscall_raw(
+        "clone3(process)",
+        libc::SYS_clone3,
+        &[a, std::mem::size_of::<sys::CloneArgs>() as u64],
+    )?;
+    if ret < 0 {
+        return Err(match -ret as i32 {
+            libc::EEXIST => RestoreError::PidInUse { pid: vpid },
+            e => RestoreError::Clone {
+                pid: vpid,
+                source: std::io::Error::from_raw_os_error(e),
+            },
+        });
+    }
+    let child = ev
+        .new_tasks
+        .first()
+        .copied()
+        .ok_or_else(|| RestoreError::Step {
+            pid: vpid,
+            what: "the process".into(),
+            why: "clone3 reported no fork event".into(),
+        })?;
+    let guard = KillOnDrop(child);
+    wait_stopped(child, vpid)?;
+    std::mem::forget(guard);
+    Ok(child)
 }
 
 /// Kills a half-made stub if its setup fails.

@@ -93,7 +93,7 @@ fn queue_signal(st: &mut Stub, tid: Option<i32>, info: &[u8]) -> Result<(), Rest
         Some(t) => st.call(
             "rt_tgsigqueueinfo",
             libc::SYS_rt_tgsigqueueinfo,
-            &[st.pid as u64, t as u64, sig, a],
+            &[st.vpid as u64, t as u64, sig, a],
         )?,
     };
     Ok(())
@@ -161,9 +161,6 @@ pub fn restore_threads(st: &mut Stub, p: &ProcessImage) -> Result<(), RestoreErr
 /// It starts stopped (PTRACE_O_TRACECLONE) and never runs stub code: its
 /// registers are replaced before it is let go.
 fn create_thread(st: &mut Stub, tid: i32) -> Result<i32, RestoreError> {
-    if sys::pid_exists(tid) {
-        return Err(RestoreError::PidInUse { pid: tid });
-    }
     st.r.reset_scratch();
     let set_tid = st.r.put(&tid.to_ne_bytes())?;
     let stack = st.r.reserve(1024)?;

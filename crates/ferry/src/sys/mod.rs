@@ -428,3 +428,66 @@ pub fn memfd_create(name: &str) -> io::Result<OwnedFd> {
     // SAFETY: new descriptor owned by us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
+
+/// `unshare(CLONE_NEWPID)`: the caller's next child is pid 1 of a new
+/// pid namespace (the caller itself stays where it is).
+pub fn unshare_pidns() -> io::Result<()> {
+    // SAFETY: plain syscall with an integer argument.
+    cvt_i(unsafe { libc::unshare(libc::CLONE_NEWPID) }).map(|_| ())
+}
+
+fn sigset_of(mask: u64) -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in 1..=64 {
+            if mask & (1u64 << (sig - 1)) != 0 {
+                libc::sigaddset(&mut set, sig);
+            }
+        }
+        set
+    }
+}
+
+/// Blocks the signals in `mask` (bit N-1 = signal N) for the calling thread.
+pub fn block_signals(mask: u64) -> io::Result<()> {
+    let set = sigset_of(mask);
+    // SAFETY: `set` is initialised; the old mask is not needed.
+    let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
+}
+
+/// Waits for one of the (blocked) signals in `mask`; returns its number.
+pub fn sigwait(mask: u64) -> io::Result<i32> {
+    let set = sigset_of(mask);
+    loop {
+        // SAFETY: `set` is initialised; siginfo is not requested.
+        let r = unsafe { libc::sigwaitinfo(&set, std::ptr::null_mut()) };
+        if r >= 0 {
+            return Ok(r);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Makes `cmd`'s child start with an empty signal mask and default
+/// dispositions, whatever its parent blocked.
+pub fn reset_signals_on_spawn(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+}
