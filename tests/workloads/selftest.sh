@@ -2,7 +2,8 @@
 # selftest.sh - builds every workload and checks that it PASSes on its own,
 # without ferry: (1) plain run, (2) with WORKLOAD_SECS=0.5, (3) frozen with
 # SIGSTOP for 1 s in the middle of its working phase and then SIGCONT'd
-# (a crude stand-in for being frozen by a checkpoint).
+# (a crude stand-in for being frozen by a checkpoint; for workloads that fork,
+# the whole process tree is stopped and continued).
 #
 # usage: tests/workloads/selftest.sh [NAME...]     (default: all)
 # Output of each run is appended to a log file, as under the harness.
@@ -11,7 +12,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=$(mktemp -d "${TMPDIR:-/tmp}/ferry-wl-selftest.XXXXXX")
 trap 'rm -rf "$out"' EXIT
 
-all=(mem avx signals files blocked counter socket)
+all=(mem avx signals files blocked counter socket threads omp tree shm)
 names=("$@")
 [ ${#names[@]} -eq 0 ] && names=("${all[@]}")
 
@@ -20,8 +21,32 @@ args_of() { case "$1" in mem) echo 16 ;; *) echo ;; esac; }
 failed=0
 pass=0
 
+# tree_pids PID: PID and all its descendants, from the ppid field of
+# /proc/*/stat (one pass, no forks; comm may contain spaces, so the fields
+# are taken after the last ')').
+tree_pids() {
+    local -A kids=()
+    local f st rest p
+    for f in /proc/[0-9]*/stat; do
+        st=$(<"$f") 2>/dev/null || continue
+        rest=${st##*) }
+        rest=${rest#* }        # drop the state letter
+        p=${rest%% *}          # ppid
+        kids[$p]+=" ${st%% *}"
+    done
+    local todo=("$1")
+    while [ ${#todo[@]} -gt 0 ]; do
+        p=${todo[0]}
+        todo=("${todo[@]:1}")
+        echo "$p"
+        # shellcheck disable=SC2206
+        todo+=(${kids[$p]:-})
+    done
+}
+
 # run NAME LABEL SECS STOP: runs NAME with stdout/stderr appended to a log,
-# optionally SIGSTOPs it for 1 s 300 ms after READY, and checks the verdict.
+# optionally SIGSTOPs it and all its descendants for 1 s 300 ms after READY,
+# and checks the verdict.
 run() {
     local name=$1 label=$2 secs=$3 stop=$4
     local log="$out/$name.$label.log" tmp="$out/$name.$label.tmp"
@@ -34,9 +59,13 @@ run() {
     if [ "$stop" = 1 ]; then
         for _ in $(seq 200); do grep -qx READY "$log" && break; sleep 0.05; done
         sleep 0.3
-        kill -STOP "$pid" 2>/dev/null
+        local pids
+        pids=$(tree_pids "$pid")
+        # shellcheck disable=SC2086
+        kill -STOP $pids 2>/dev/null
         sleep 1
-        kill -CONT "$pid" 2>/dev/null
+        # shellcheck disable=SC2086
+        kill -CONT $pids 2>/dev/null
     fi
     # bounded wait: 60 s
     local waited=0
@@ -64,6 +93,10 @@ run() {
 for n in "${names[@]}"; do
     extra=()
     [ "$n" = avx ] && extra=(-mavx2)
+    # Extra flags a workload asks for with a "ferry-cflags: ..." line
+    # (omp.c: -fopenmp); the test harness reads the same line.
+    # shellcheck disable=SC2207
+    extra+=($(sed -n 's/.*ferry-cflags:[[:space:]]*\([^*]*\).*/\1/p' "$here/$n.c" | head -1))
     if ! gcc -O2 -g -pthread -Wall -Wextra "${extra[@]}" -o "$out/$n" "$here/$n.c"; then
         echo "FAIL $n: build"
         failed=$((failed + 1))

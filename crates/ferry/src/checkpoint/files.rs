@@ -57,7 +57,7 @@ impl Collector {
             if let Some(&(_, _, _, _, idx)) = seen.iter().find(|&&(p, f, ino, mnt, _)| {
                 ino == info.ino
                     && mnt == info.mnt_id
-                    && sys::kcmp_same_file(p, f as i32, pid, fd).unwrap_or(false)
+                    && sys::kcmp_same_file(p, f, pid, fd).unwrap_or(false)
             }) {
                 out.push(FdImage {
                     fd,
