@@ -296,6 +296,7 @@ fn process(
 ) -> ProcessImage {
     ProcessImage {
         pid,
+        zombie: None,
         ppid,
         pgid: ROOT,
         sid: ROOT,
@@ -598,6 +599,7 @@ fn fixture(name: &str) -> Fixture {
     );
 
     let inv = Inventory {
+        pidns: None,
         machine: MachineInfo {
             kernel_release: "6.18.0-ferry-test".into(),
             hostname: "builder".into(),
