@@ -37,6 +37,7 @@ impl Collector {
         &mut self,
         pid: i32,
         tree: &[i32],
+        maps: &[crate::proc::MapEntry],
         img: &ImageDir,
         inv: &mut Inventory,
     ) -> Result<Vec<FdImage>, CheckpointError> {
@@ -112,7 +113,47 @@ impl Collector {
                     }
                 } else if ft.is_file() || ft.is_dir() {
                     if path.starts_with("/memfd:") {
-                        return Err(unsupported(fd, format!("memfd {path}")));
+                        let dev = meta.dev();
+                        let (major, minor) = (
+                            (((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff)) as u32,
+                            ((dev & 0xff) | ((dev >> 12) & !0xff)) as u32,
+                        );
+                        let id = crate::image::shmem_id(major, minor, meta.ino());
+                        let mapped = maps.iter().any(|m| {
+                            m.is_shmem()
+                                && crate::image::shmem_id(m.dev_major, m.dev_minor, m.inode) == id
+                        });
+                        let blob = if mapped {
+                            None
+                        } else {
+                            let data =
+                                std::fs::read(&link).map_err(|source| CheckpointError::Io {
+                                    pid,
+                                    what: format!("read memfd of fd {fd}"),
+                                    source,
+                                })?;
+                            let name = format!("blob-{}.img", inv.blobs.len());
+                            inv.blobs.push(img.write_blob(&name, &path, &data)?);
+                            Some((inv.blobs.len() - 1) as u32)
+                        };
+                        inv.files.push(FileImage {
+                            flags,
+                            pos: info.pos,
+                            kind: FileKind::Memfd {
+                                name: path,
+                                id,
+                                size: meta.len(),
+                                blob,
+                            },
+                        });
+                        let idx = (inv.files.len() - 1) as u32;
+                        seen.push((pid, fd, info.ino, info.mnt_id, idx));
+                        out.push(FdImage {
+                            fd,
+                            cloexec,
+                            file: idx,
+                        });
+                        continue;
                     }
                     let blob = if deleted && ft.is_file() {
                         let mut data = Vec::new();

@@ -135,7 +135,7 @@ fn kind_of(m: &MapEntry) -> VmaKind {
             name: m.path.clone().unwrap_or_default(),
             offset: m.offset,
             size: m.end - m.start + m.offset,
-            id: ((m.dev_major as u64) << 56) ^ ((m.dev_minor as u64) << 48) ^ m.inode,
+            id: crate::image::shmem_id(m.dev_major, m.dev_minor, m.inode),
         };
     }
     match (&m.path, m.inode) {

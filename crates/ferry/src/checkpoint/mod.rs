@@ -203,7 +203,7 @@ fn capture(
         let maps = proc::read_smaps(pid)?;
         memory::check_supported(pid, &maps, &pids)?;
         tracing::debug!(pid, elapsed = ?t.elapsed(), areas = maps.len(), "maps read and checked");
-        let fds = files.capture(pid, &pids, img, &mut inv)?;
+        let fds = files.capture(pid, &pids, &maps, img, &mut inv)?;
         let gadget = remote::find_vdso_gadget(pid)?;
         let mut p = task::capture_process(pid, frozen, gadget, &inv.machine)?;
         p.fds = fds;

@@ -220,6 +220,14 @@ pub enum FileKind {
     CharDev { path: String, rdev: u64 },
     /// One end of a pipe in [`Inventory::pipes`].
     Pipe { pipe: u32, write_end: bool },
+    /// A memfd: the shared-memory object `id` (as in [`VmaKind::Shmem`]);
+    /// `blob` holds its contents when no mapping in the image covers them.
+    Memfd {
+        name: String,
+        id: u64,
+        size: u64,
+        blob: Option<u32>,
+    },
 }
 
 /// A pipe with the bytes buffered in it at checkpoint time.
@@ -238,6 +246,12 @@ pub struct BlobRef {
     pub crc: u32,
     /// Path the contents came from (for messages and re-creation).
     pub origin: String,
+}
+
+/// Identity of a shared-memory object (memfd, shared anonymous memory),
+/// the same whether it is seen through a mapping or a descriptor.
+pub fn shmem_id(dev_major: u32, dev_minor: u32, inode: u64) -> u64 {
+    ((dev_major as u64) << 56) ^ ((dev_minor as u64) << 48) ^ inode
 }
 
 impl Inventory {

@@ -57,7 +57,9 @@ pub fn inventory(path: &Path, inv: &Inventory) -> Result<(), ImageError> {
                     inv.pipes.len()
                 ))
             }
-            FileKind::Path { blob: Some(b), .. } if *b as usize >= inv.blobs.len() => {
+            FileKind::Path { blob: Some(b), .. } | FileKind::Memfd { blob: Some(b), .. }
+                if *b as usize >= inv.blobs.len() =>
+            {
                 return bad(format!("file refers to blob #{b} of {}", inv.blobs.len()))
             }
             _ => {}

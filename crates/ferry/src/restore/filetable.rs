@@ -40,6 +40,31 @@ impl FileTable {
             shmem: HashMap::new(),
             temp: Vec::new(),
         };
+        // Shared memory: one memfd per object, as large as its furthest use
+        // (a mapping, or the size a memfd descriptor saw).
+        let mut sizes: HashMap<u64, u64> = HashMap::new();
+        for p in &inv.processes {
+            for v in &p.vmas {
+                if let VmaKind::Shmem { id, offset, .. } = v.kind {
+                    let e = sizes.entry(id).or_insert(0);
+                    *e = (*e).max(offset + v.len());
+                }
+            }
+        }
+        for f in &inv.files {
+            if let FileKind::Memfd { id, size, .. } = f.kind {
+                let e = sizes.entry(id).or_insert(0);
+                *e = (*e).max(size);
+            }
+        }
+        for (id, size) in sizes {
+            let fd =
+                sys::memfd_create("ferry-shmem").map_err(|e| step("shared memory".into(), e))?;
+            let f = std::fs::File::from(fd);
+            f.set_len(size)
+                .map_err(|e| step("shared memory size".into(), e))?;
+            t.shmem.insert(id, OwnedFd::from(f));
+        }
         let mut pipe_ends: HashMap<u32, (Option<OwnedFd>, Option<OwnedFd>)> = HashMap::new();
         for (i, f) in inv.files.iter().enumerate() {
             let fd = match &f.kind {
@@ -53,6 +78,30 @@ impl FileTable {
                     if f.pos > 0 {
                         file.seek(SeekFrom::Start(f.pos))
                             .map_err(|e| step(format!("offset {} of {path}", f.pos), e))?;
+                    }
+                    OwnedFd::from(file)
+                }
+                FileKind::Memfd { id, blob, name, .. } => {
+                    let Some(obj) = t.shmem.get(id) else {
+                        return Err(step(format!("memfd {name}"), "object missing"));
+                    };
+                    if let Some(b) = blob {
+                        let data = img.read_blob(&inv.blobs[*b as usize])?;
+                        use std::os::unix::fs::FileExt;
+                        let f = std::fs::File::from(
+                            obj.try_clone()
+                                .map_err(|e| step(format!("memfd {name}"), e))?,
+                        );
+                        f.write_all_at(&data, 0)
+                            .map_err(|e| step(format!("memfd {name} contents"), e))?;
+                    }
+                    // A descriptor of its own on the same object (its own offset).
+                    let path = PathBuf::from(format!("/proc/self/fd/{}", obj.as_raw_fd()));
+                    let mut file = open_with_flags(&path, f.flags)
+                        .map_err(|e| step(format!("memfd {name}"), e))?;
+                    if f.pos > 0 {
+                        file.seek(SeekFrom::Start(f.pos))
+                            .map_err(|e| step(format!("offset of memfd {name}"), e))?;
                     }
                     OwnedFd::from(file)
                 }
@@ -85,25 +134,6 @@ impl FileTable {
                 }
             };
             t.files.push(fd);
-        }
-        // Shared memory: one memfd per object, as large as its furthest use.
-        let mut sizes: HashMap<u64, u64> = HashMap::new();
-        for p in &inv.processes {
-            for v in &p.vmas {
-                if let VmaKind::Shmem { id, offset, .. } = v.kind {
-                    let end = offset + v.len();
-                    let e = sizes.entry(id).or_insert(0);
-                    *e = (*e).max(end);
-                }
-            }
-        }
-        for (id, size) in sizes {
-            let fd =
-                sys::memfd_create("ferry-shmem").map_err(|e| step("shared memory".into(), e))?;
-            let f = std::fs::File::from(fd);
-            f.set_len(size)
-                .map_err(|e| step("shared memory size".into(), e))?;
-            t.shmem.insert(id, OwnedFd::from(f));
         }
         Ok(t)
     }
