@@ -9,7 +9,10 @@
 pub mod checkpoint;
 pub mod image;
 pub mod jobinit;
+pub mod migrate;
 pub mod proc;
 pub mod remote;
 pub mod restore;
 pub mod sys;
+pub mod track;
+pub mod wire;

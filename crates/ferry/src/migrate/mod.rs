@@ -1,0 +1,1 @@
+//! Live migration: source, target, convergence controllers (being written).

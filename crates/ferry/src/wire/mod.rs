@@ -1,0 +1,1 @@
+//! The migration protocol (being written).
