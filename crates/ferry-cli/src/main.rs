@@ -72,8 +72,8 @@ child of ferry, and let it continue where it stopped.\n\n\
 Without --detach, ferry waits for the process and exits with its exit status (128+N if \
 it was killed by signal N), so `ferry restore -D img && echo ok` works. With --detach it \
 prints the restored PID on stdout and returns once the process runs.\n\n\
-The PID must be free: if another process holds it, restore fails with a clear message \
-and changes nothing. The files the process had open must exist at their paths (deleted \
+Outside a `ferry run` namespace the PIDs must be free: if another process holds one, \
+restore fails with a clear message and changes nothing. The files the process had open must exist at their paths (deleted \
 files are recreated from the image). A corrupt or truncated image is refused.\n\n\
 The restored process joins the session and process group of `ferry restore`."
     )]

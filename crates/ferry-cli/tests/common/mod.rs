@@ -81,6 +81,7 @@ pub fn workload(name: &str) -> PathBuf {
         if name == "avx" {
             cmd.arg("-mavx2");
         }
+        cmd.args(extra_cflags(&src));
         cmd.arg("-o").arg(&tmp).arg(&src);
         let res = cmd
             .output()
@@ -95,6 +96,24 @@ pub fn workload(name: &str) -> PathBuf {
     }
     built.insert(name.to_string(), out.clone());
     out
+}
+
+/// Extra compiler flags a workload asks for with a `ferry-cflags: FLAGS`
+/// line in its source (omp.c: `-fopenmp`); selftest.sh reads the same line.
+/// Workloads without one get none, so their build is unchanged.
+pub fn extra_cflags(src: &Path) -> Vec<String> {
+    let text = fs::read_to_string(src).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.split_once("ferry-cflags:").map(|(_, rest)| rest))
+        .map(|rest| {
+            rest.split("*/")
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 // ---------------------------------------------------------------------------
@@ -112,7 +131,7 @@ pub fn ptrace_lock() -> MutexGuard<'static, ()> {
 /// workloads (and ferry) see only stdin/stdout/stderr whatever the test
 /// runner leaked to us (a make/cargo jobserver pipe, say: ferry would refuse
 /// to checkpoint a pipe to the outside).
-fn cloexec_inherited_fds(cmd: &mut Command) {
+pub fn cloexec_inherited_fds(cmd: &mut Command) {
     // SAFETY: the closure only makes a raw syscall, which is
     // async-signal-safe. CLOSE_RANGE_CLOEXEC (not closing) keeps std's own
     // exec-error pipe working.
