@@ -33,9 +33,10 @@ struct Cli {
 enum Cmd {
     /// Freeze a process and write its image to a directory.
     #[command(
-        long_about = "Freeze every thread of PID with ptrace, write its complete state \
-into DIR (created if needed), then kill it — or, with --leave-running, let it continue \
-exactly as before.\n\n\
+        long_about = "Freeze PID and all its descendants (every thread of every \
+process, at once) with ptrace, write their complete state into DIR (created if needed), \
+then kill them — or, with --leave-running, let them continue exactly as before. Given \
+the PID of a job started with `ferry run`, takes the whole job (its PID namespace).\n\n\
 Prints how long the process was frozen and how much was written. If the process holds \
 something ferry cannot capture yet (a socket, a terminal, SysV IPC, memory shared with \
 a process outside the checkpoint, ...), nothing is written, the process keeps running \
@@ -49,8 +50,10 @@ robust list, regular files with offsets and flags, deleted-but-open files (their
 contents go into the image), /dev/null and similar devices, shared open files (dup), \
 pipes with their buffered data, cwd, umask, rlimits, personality, comm, the mm fields \
 and /proc/PID/exe.\n\n\
-Limits of this version: single-threaded processes only; POSIX timers (timer_create), \
-sockets, terminals, eventfd/epoll/signalfd/timerfd/inotify and namespaces are refused."
+Threads keep their TIDs, processes their PIDs and parent links; zombies, sessions and \
+process groups inside the tree, pipes between its processes and shared memory are \
+restored. Refused in this version: POSIX timers (timer_create), sockets, terminals, \
+eventfd/epoll/signalfd/timerfd/inotify, SysV IPC."
     )]
     Checkpoint {
         /// Process to checkpoint.
@@ -67,15 +70,19 @@ sockets, terminals, eventfd/epoll/signalfd/timerfd/inotify and namespaces are re
     },
     /// Rebuild a process from an image and let it run.
     #[command(
-        long_about = "Rebuild the process imaged in DIR, with its original PID, as a \
-child of ferry, and let it continue where it stopped.\n\n\
+        long_about = "Rebuild the process tree imaged in DIR, with its original PIDs and \
+TIDs — the root as a child of ferry, every other process as a child of its original \
+parent — and let it continue where it stopped. A job started with `ferry run` is \
+restored into a fresh PID namespace with a new init (same PIDs inside).\n\n\
 Without --detach, ferry waits for the process and exits with its exit status (128+N if \
 it was killed by signal N), so `ferry restore -D img && echo ok` works. With --detach it \
 prints the restored PID on stdout and returns once the process runs.\n\n\
 Outside a `ferry run` namespace the PIDs must be free: if another process holds one, \
-restore fails with a clear message and changes nothing. The files the process had open must exist at their paths (deleted \
-files are recreated from the image). A corrupt or truncated image is refused.\n\n\
-The restored process joins the session and process group of `ferry restore`."
+restore fails with a clear message and changes nothing. The files the processes had \
+open must exist at their paths (deleted files are recreated from the image). A corrupt \
+or truncated image is refused.\n\n\
+A tree whose session or process-group leader is outside it joins the session and \
+process group of `ferry restore`."
     )]
     Restore {
         /// Image directory written by `ferry checkpoint`.
