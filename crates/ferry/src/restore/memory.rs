@@ -24,7 +24,7 @@ const RW: u64 = (libc::PROT_READ | libc::PROT_WRITE) as u64;
 
 pub fn restore(
     st: &mut Stub,
-    img: &ImageDir,
+    pages: &dyn PageSource,
     table: &FileTable,
     p: &ProcessImage,
 ) -> Result<Stats, RestoreError> {
@@ -50,7 +50,7 @@ pub fn restore(
         st.call("close", libc::SYS_close, &[fd])?;
     }
     tracing::debug!("areas mapped");
-    let stats = fill(st, img, p)?;
+    let stats = fill(st, pages, p)?;
     tracing::debug!("pages written");
     for v in &p.vmas {
         finish_area(st, v)?;
@@ -138,9 +138,90 @@ fn map_area(st: &mut Stub, v: &Vma, shmem_fds: &HashMap<u64, u64>) -> Result<(),
     Ok(())
 }
 
+/// Where restore reads page contents from: an image's page stores on
+/// disk, or pages received over the wire and held in memory.
+pub trait PageSource {
+    /// Copies the run recorded at `offset` (with `crc`) for process `p`
+    /// into `buf`, whose length is the run's.
+    fn read(
+        &self,
+        p: &ProcessImage,
+        offset: u64,
+        crc: u32,
+        buf: &mut [u8],
+    ) -> Result<(), RestoreError>;
+    /// Streams a long run of `len` bytes through `chunk`, handing each piece
+    /// and its offset within the run to `sink`; a source with checksums
+    /// checks the whole run at the end.
+    fn read_chunked(
+        &self,
+        p: &ProcessImage,
+        offset: u64,
+        len: u64,
+        crc: u32,
+        chunk: &mut [u8],
+        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), RestoreError>,
+    ) -> Result<(), RestoreError>;
+}
+
+/// The page stores of an image directory.
+pub struct DiskPages<'a> {
+    img: &'a ImageDir,
+    open: std::cell::RefCell<Option<(i32, PageStoreReader)>>,
+}
+
+impl<'a> DiskPages<'a> {
+    pub fn new(img: &'a ImageDir) -> Self {
+        Self {
+            img,
+            open: std::cell::RefCell::new(None),
+        }
+    }
+
+    fn with_store<T>(
+        &self,
+        p: &ProcessImage,
+        f: impl FnOnce(&PageStoreReader) -> Result<T, RestoreError>,
+    ) -> Result<T, RestoreError> {
+        let mut open = self.open.borrow_mut();
+        if open.as_ref().is_none_or(|(pid, _)| *pid != p.pid) {
+            *open = Some((p.pid, PageStoreReader::open(&self.img.path(&p.pages_file))?));
+        }
+        match open.as_ref() {
+            Some((_, store)) => f(store),
+            None => unreachable!("opened above"),
+        }
+    }
+}
+
+impl PageSource for DiskPages<'_> {
+    fn read(
+        &self,
+        p: &ProcessImage,
+        offset: u64,
+        crc: u32,
+        buf: &mut [u8],
+    ) -> Result<(), RestoreError> {
+        self.with_store(p, |s| Ok(s.read_run(offset, crc, buf)?))
+    }
+
+    fn read_chunked(
+        &self,
+        p: &ProcessImage,
+        offset: u64,
+        len: u64,
+        crc: u32,
+        chunk: &mut [u8],
+        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), RestoreError>,
+    ) -> Result<(), RestoreError> {
+        self.with_store(p, |s| {
+            s.read_run_chunked(offset, len, crc, chunk, |at, piece| sink(at, piece))
+        })
+    }
+}
+
 /// Writes every stored page into the stub.
-fn fill(st: &mut Stub, img: &ImageDir, p: &ProcessImage) -> Result<Stats, RestoreError> {
-    let store = PageStoreReader::open(&img.path(&p.pages_file))?;
+fn fill(st: &mut Stub, pages: &dyn PageSource, p: &ProcessImage) -> Result<Stats, RestoreError> {
     let mut stats = Stats::default();
     let mut buf: Vec<u8> = Vec::with_capacity(BATCH);
     let mut ranges: Vec<RemoteRange> = Vec::with_capacity(IOV_MAX);
@@ -171,7 +252,7 @@ fn fill(st: &mut Stub, img: &ImageDir, p: &ProcessImage) -> Result<Stats, Restor
                         }
                         let at = buf.len();
                         buf.resize(at + len, 0);
-                        store.read_run(offset, crc, &mut buf[at..])?;
+                        pages.read(p, offset, crc, &mut buf[at..])?;
                         ranges.push(RemoteRange {
                             addr: run.addr,
                             len,
@@ -182,9 +263,14 @@ fn fill(st: &mut Stub, img: &ImageDir, p: &ProcessImage) -> Result<Stats, Restor
                     // checked at the end, and a mismatch aborts the restore
                     // (the stub is killed), so nothing wrong ever runs.
                     flush(st, &mut buf, &mut ranges)?;
-                    store.read_run_chunked(offset, len as u64, crc, &mut chunk, |at, piece| {
-                        write_all(st, run.addr + at, piece)
-                    })?;
+                    pages.read_chunked(
+                        p,
+                        offset,
+                        len as u64,
+                        crc,
+                        &mut chunk,
+                        &mut |at, piece| write_all(st, run.addr + at, piece),
+                    )?;
                 }
             }
         }

@@ -66,10 +66,39 @@ pub struct Report {
 pub fn restore(dir: &Path) -> Result<Report, RestoreError> {
     let img = ImageDir::new(dir, false)?;
     let inv = img.read_inventory()?;
-    check_machine(&inv)?;
-    preflight(&inv)?;
+    restore_from(
+        &inv,
+        &memory::DiskPages::new(&img),
+        &img,
+        &Options::default(),
+    )
+}
+
+/// How to restore.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Restore into a fresh pid namespace even if the image was not made
+    /// from a `ferry run` job: its pids are then free whatever runs on this
+    /// host (the root's parent becomes the namespace's init).
+    pub fresh_pidns: bool,
+}
+
+pub use memory::{DiskPages, PageSource};
+
+/// Restores an already validated inventory whose pages come from `pages`
+/// and whose blobs (contents of deleted files) are in `blobs`.
+pub fn restore_from(
+    inv: &Inventory,
+    pages: &dyn PageSource,
+    blobs: &ImageDir,
+    opts: &Options,
+) -> Result<Report, RestoreError> {
+    check_machine(inv)?;
+    let fresh_ns = inv.pidns.is_some() || opts.fresh_pidns;
+    preflight(inv, fresh_ns)?;
     let t0 = Instant::now();
-    let mut table = FileTable::open(&img, &inv)?;
+    let img = blobs;
+    let mut table = FileTable::open(img, inv)?;
     let avoid: Vec<(u64, u64)> = inv
         .processes
         .iter()
@@ -100,7 +129,7 @@ pub fn restore(dir: &Path) -> Result<Report, RestoreError> {
             continue;
         }
         st.place_vdso(p)?;
-        let s = memory::restore(st, &img, &table, p)?;
+        let s = memory::restore(st, pages, &table, p)?;
         stats.pages_data += s.pages_data;
         stats.pages_zero += s.pages_zero;
         stats.bytes += s.bytes;
@@ -113,7 +142,7 @@ pub fn restore(dir: &Path) -> Result<Report, RestoreError> {
     tracing::debug!(elapsed = ?t0.elapsed(), pages = stats.pages_data, "processes rebuilt");
     table.unlink_temp();
     let root_pid = stubs[0].pid;
-    finish_zombies(&mut stubs, &inv)?;
+    finish_zombies(&mut stubs, inv)?;
     // Children first: a parent that runs finds its children complete.
     for st in stubs.into_iter().rev() {
         st.release()?;
@@ -274,7 +303,7 @@ fn check_machine(inv: &Inventory) -> Result<(), RestoreError> {
 }
 
 /// Everything that can be checked before touching anything.
-fn preflight(inv: &Inventory) -> Result<(), RestoreError> {
+fn preflight(inv: &Inventory, fresh_ns: bool) -> Result<(), RestoreError> {
     let exists = |path: &str, why: &str| {
         if Path::new(path).exists() {
             Ok(())
@@ -287,7 +316,7 @@ fn preflight(inv: &Inventory) -> Result<(), RestoreError> {
     };
     for p in inv.processes.iter().filter(|p| p.zombie.is_none()) {
         // In a new pid namespace every number is free.
-        if inv.pidns.is_none() {
+        if !fresh_ns {
             for t in &p.threads {
                 if sys::pid_exists(t.tid) {
                     return Err(RestoreError::PidInUse { pid: t.tid });
@@ -317,7 +346,7 @@ fn preflight(inv: &Inventory) -> Result<(), RestoreError> {
             }
         }
     }
-    if inv.pidns.is_none() {
+    if !fresh_ns {
         for p in inv.processes.iter().filter(|p| p.zombie.is_some()) {
             if sys::pid_exists(p.pid) {
                 return Err(RestoreError::PidInUse { pid: p.pid });
