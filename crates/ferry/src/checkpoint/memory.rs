@@ -106,7 +106,7 @@ fn line_maps_inode(line: &str, m: &MapEntry) -> bool {
     dev == Some(want.as_str()) && ino.and_then(|i| i.parse::<u64>().ok()) == Some(m.inode)
 }
 
-fn advice(m: &MapEntry) -> Advice {
+pub fn advice(m: &MapEntry) -> Advice {
     let Some(f) = m.vm_flags.as_ref() else {
         return Advice::default();
     };
@@ -122,7 +122,7 @@ fn advice(m: &MapEntry) -> Advice {
     }
 }
 
-fn kind_of(m: &MapEntry) -> VmaKind {
+pub fn kind_of(m: &MapEntry) -> VmaKind {
     match m.special() {
         Some(Special::Vdso) => return VmaKind::Vdso,
         Some(Special::Vvar) => return VmaKind::Vvar,
@@ -156,7 +156,7 @@ fn kind_of(m: &MapEntry) -> VmaKind {
 }
 
 /// Whether a page of this area holds data that only the process has.
-fn wanted(kind: &VmaKind, shared: bool, e: PagemapEntry) -> bool {
+pub fn wanted(kind: &VmaKind, shared: bool, e: PagemapEntry) -> bool {
     match kind {
         VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => false,
         // Shared file pages live in the file itself.

@@ -3,7 +3,7 @@
 
 mod files;
 pub mod freeze;
-mod memory;
+pub mod memory;
 mod task;
 pub mod tree;
 
@@ -173,6 +173,31 @@ fn capture(
     img: &ImageDir,
 ) -> Result<(Inventory, memory::Stats, Duration), CheckpointError> {
     let t = Instant::now();
+    let (mut inv, maps_of) = capture_state(tree, img)?;
+    let state_time = t.elapsed();
+    tracing::debug!(elapsed = ?state_time, "process state captured");
+    let mut stats = memory::Stats::default();
+    for (task, (p, maps)) in tree.tasks.iter().zip(inv.processes.iter_mut().zip(maps_of)) {
+        let Some(maps) = maps else { continue };
+        let (vmas, s) = memory::dump(task.pid, &maps, img, &p.pages_file)?;
+        p.vmas = vmas;
+        stats.pages_data += s.pages_data;
+        stats.pages_zero += s.pages_zero;
+        stats.bytes += s.bytes;
+    }
+    tracing::debug!(elapsed = ?t.elapsed(), pages = stats.pages_data, "memory dumped");
+    Ok((inv, stats, state_time))
+}
+
+/// Captures everything but page contents: the inventory of the frozen tree
+/// with each process's areas left empty, and the maps each was built from
+/// (None for zombies). Contents of deleted files go to blobs in `img`.
+/// Live migration sends the pages itself.
+pub fn capture_state(
+    tree: &FrozenTree,
+    img: &ImageDir,
+) -> Result<(Inventory, Vec<Option<Vec<proc::MapEntry>>>), CheckpointError> {
+    let t = Instant::now();
     let pids = tree.pids();
     let mut inv = Inventory {
         machine: machine_info(),
@@ -211,19 +236,7 @@ fn capture(
         inv.processes.push(p);
         maps_of.push(Some(maps));
     }
-    let state_time = t.elapsed();
-    tracing::debug!(elapsed = ?state_time, "process state captured");
-    let mut stats = memory::Stats::default();
-    for (task, (p, maps)) in tree.tasks.iter().zip(inv.processes.iter_mut().zip(maps_of)) {
-        let Some(maps) = maps else { continue };
-        let (vmas, s) = memory::dump(task.pid, &maps, img, &p.pages_file)?;
-        p.vmas = vmas;
-        stats.pages_data += s.pages_data;
-        stats.pages_zero += s.pages_zero;
-        stats.bytes += s.bytes;
-    }
-    tracing::debug!(elapsed = ?t.elapsed(), pages = stats.pages_data, "memory dumped");
-    Ok((inv, stats, state_time))
+    Ok((inv, maps_of))
 }
 
 /// Records pids as the image's namespace numbers them.
