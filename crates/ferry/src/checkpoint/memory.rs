@@ -361,3 +361,40 @@ fn read_ranges(
     }
     Ok(())
 }
+
+/// The areas of a process without their contents (pages left empty): what
+/// live migration sends as the final layout, its pages having gone ahead.
+/// Guard regions are read from pagemap as in [`dump`].
+pub fn layout(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, CheckpointError> {
+    let mut pagemap = Pagemap::open(pid)?;
+    let mut entries: Vec<u64> = Vec::new();
+    let mut vmas = Vec::with_capacity(maps.len());
+    for m in maps {
+        let mut vma = Vma {
+            start: m.start,
+            end: m.end,
+            prot: m.perms.prot() as u32,
+            shared: m.perms.shared,
+            kind: kind_of(m),
+            advice: advice(m),
+            pages: Vec::new(),
+            guards: Vec::new(),
+        };
+        if !matches!(vma.kind, VmaKind::Vsyscall) {
+            let npages = ((m.end - m.start) / PAGE) as usize;
+            pagemap.read(m.start, npages, &mut entries)?;
+            for (i, &e) in entries.iter().enumerate() {
+                if !PagemapEntry(e).guard() {
+                    continue;
+                }
+                let addr = m.start + i as u64 * PAGE;
+                match vma.guards.last_mut() {
+                    Some((a, n)) if *a + *n * PAGE == addr => *n += 1,
+                    _ => vma.guards.push((addr, 1)),
+                }
+            }
+        }
+        vmas.push(vma);
+    }
+    Ok(vmas)
+}
