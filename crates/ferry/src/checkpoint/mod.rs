@@ -189,6 +189,9 @@ fn capture(
     Ok((inv, stats, state_time))
 }
 
+/// The areas of one process as /proc listed them.
+pub type Maps = Vec<proc::MapEntry>;
+
 /// Captures everything but page contents: the inventory of the frozen tree
 /// with each process's areas left empty, and the maps each was built from
 /// (None for zombies). Contents of deleted files go to blobs in `img`.
@@ -196,7 +199,7 @@ fn capture(
 pub fn capture_state(
     tree: &FrozenTree,
     img: &ImageDir,
-) -> Result<(Inventory, Vec<Option<Vec<proc::MapEntry>>>), CheckpointError> {
+) -> Result<(Inventory, Vec<Option<Maps>>), CheckpointError> {
     let t = Instant::now();
     let pids = tree.pids();
     let mut inv = Inventory {

@@ -1,1 +1,3 @@
 //! Live migration: source, target, convergence controllers (being written).
+
+pub mod controller;

@@ -138,6 +138,9 @@ fn map_area(st: &mut Stub, v: &Vma, shmem_fds: &HashMap<u64, u64>) -> Result<(),
     Ok(())
 }
 
+/// Receives pieces of a run: (offset within the run, bytes).
+pub type PageSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), RestoreError> + 'a;
+
 /// Where restore reads page contents from: an image's page stores on
 /// disk, or pages received over the wire and held in memory.
 pub trait PageSource {
@@ -160,7 +163,7 @@ pub trait PageSource {
         len: u64,
         crc: u32,
         chunk: &mut [u8],
-        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), RestoreError>,
+        sink: &mut PageSink<'_>,
     ) -> Result<(), RestoreError>;
 }
 
@@ -212,7 +215,7 @@ impl PageSource for DiskPages<'_> {
         len: u64,
         crc: u32,
         chunk: &mut [u8],
-        sink: &mut dyn FnMut(u64, &[u8]) -> Result<(), RestoreError>,
+        sink: &mut PageSink<'_>,
     ) -> Result<(), RestoreError> {
         self.with_store(p, |s| {
             s.read_run_chunked(offset, len, crc, chunk, |at, piece| sink(at, piece))

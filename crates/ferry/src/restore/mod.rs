@@ -120,7 +120,7 @@ pub fn restore_from(
         )),
         None => None,
     };
-    let mut stubs = create_tree(&inv, &avoid, init.as_ref().map(|i| i.0.id() as i32))?;
+    let mut stubs = create_tree(inv, &avoid, init.as_ref().map(|i| i.0.id() as i32))?;
     tracing::debug!(elapsed = ?t0.elapsed(), processes = stubs.len(), "stubs ready");
     let mut stats = memory::Stats::default();
     let mut state_time = Duration::ZERO;
