@@ -276,3 +276,34 @@ impl PageStoreReader {
         Ok(())
     }
 }
+
+/// Minimal model values for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub mod tests_support {
+    use super::*;
+
+    pub fn process(pid: i32, vmas: Vec<Vma>) -> ProcessImage {
+        ProcessImage {
+            pid,
+            zombie: None,
+            ppid: 1,
+            pgid: pid,
+            sid: pid,
+            comm: "test".into(),
+            exe: "/bin/true".into(),
+            cwd: "/".into(),
+            umask: 0o22,
+            personality: 0,
+            rlimits: Vec::new(),
+            mm: MmFields::default(),
+            auxv: Vec::new(),
+            vmas,
+            threads: Vec::new(),
+            sigactions: Vec::new(),
+            shared_pending: Vec::new(),
+            itimers: Default::default(),
+            fds: Vec::new(),
+            pages_file: format!("pages-{pid}.img"),
+        }
+    }
+}

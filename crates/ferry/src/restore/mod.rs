@@ -83,7 +83,7 @@ pub struct Options {
     pub fresh_pidns: bool,
 }
 
-pub use memory::{DiskPages, PageSource};
+pub use memory::{DiskPages, PageSink, PageSource};
 
 /// Restores an already validated inventory whose pages come from `pages`
 /// and whose blobs (contents of deleted files) are in `blobs`.

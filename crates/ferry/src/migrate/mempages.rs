@@ -1,0 +1,268 @@
+//! The target's copy of a migrating job's memory: every page received so
+//! far, per process, in an arena of large chunks (no per-page allocation).
+//! A page resent in a later round overwrites its slot in place; with
+//! several page streams a batch of an older round can arrive after a newer
+//! one, so each slot remembers the round that wrote it and older data never
+//! wins. At restore time it becomes the image's page runs and the
+//! [`PageSource`] restore reads from.
+
+use crate::image::{PageKind, PageRun, ProcessImage};
+use crate::restore::{PageSink, PageSource, RestoreError};
+use crate::sys::PAGE_SIZE;
+use std::collections::HashMap;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// Arena chunk: 64 MiB; runs never cross a chunk.
+const CHUNK: usize = 64 << 20;
+
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Zero { round: u32 },
+    Data { at: u64, round: u32 },
+}
+
+impl Slot {
+    fn round(&self) -> u32 {
+        match *self {
+            Slot::Zero { round } | Slot::Data { round, .. } => round,
+        }
+    }
+}
+
+#[derive(Default)]
+struct ProcPages {
+    index: HashMap<u64, Slot>,
+}
+
+/// Received pages of every process of a migrating tree.
+#[derive(Default)]
+pub struct MemPages {
+    procs: HashMap<i32, ProcPages>,
+    chunks: Vec<Vec<u8>>,
+    /// Bytes used in the last chunk.
+    used: usize,
+    pub pages_zero: u64,
+    pub pages_data: u64,
+}
+
+impl MemPages {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn alloc(&mut self) -> u64 {
+        if self.chunks.is_empty() || self.used + PAGE_SIZE > CHUNK {
+            self.chunks.push(vec![0u8; CHUNK]);
+            self.used = 0;
+        }
+        let at = (self.chunks.len() - 1) * CHUNK + self.used;
+        self.used += PAGE_SIZE;
+        at as u64
+    }
+
+    fn slice_mut(&mut self, at: u64) -> &mut [u8] {
+        let (c, o) = ((at as usize) / CHUNK, (at as usize) % CHUNK);
+        &mut self.chunks[c][o..o + PAGE_SIZE]
+    }
+
+    /// Stores one page of `pid` at `addr` received in `round`; `data` None
+    /// means a zero page.
+    pub fn put(&mut self, pid: i32, addr: u64, round: u32, data: Option<&[u8]>) {
+        let prev = self.procs.entry(pid).or_default().index.get(&addr).copied();
+        if prev.is_some_and(|s| s.round() > round) {
+            return;
+        }
+        let slot = match (data, prev) {
+            (None, _) => Slot::Zero { round },
+            (Some(d), Some(Slot::Data { at, .. })) => {
+                self.slice_mut(at).copy_from_slice(&d[..PAGE_SIZE]);
+                Slot::Data { at, round }
+            }
+            (Some(d), _) => {
+                let at = self.alloc();
+                self.slice_mut(at).copy_from_slice(&d[..PAGE_SIZE]);
+                Slot::Data { at, round }
+            }
+        };
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.index.insert(addr, slot);
+        }
+    }
+
+    /// Forgets a page (its area was unmapped).
+    pub fn drop_page(&mut self, pid: i32, addr: u64) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.index.remove(&addr);
+        }
+    }
+
+    /// Number of distinct pages held.
+    pub fn len(&self) -> usize {
+        self.procs.values().map(|p| p.index.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills the page runs of every area of `p` from what was received.
+    /// Pages outside the final areas (unmapped during the migration) are
+    /// ignored.
+    pub fn build_runs(&mut self, p: &mut ProcessImage) {
+        let Some(pp) = self.procs.get(&p.pid) else {
+            return;
+        };
+        let mut pages: Vec<(u64, Slot)> = pp.index.iter().map(|(&a, &s)| (a, s)).collect();
+        pages.sort_unstable_by_key(|&(a, _)| a);
+        let (mut zero, mut data) = (0u64, 0u64);
+        let mut i = 0;
+        for v in &mut p.vmas {
+            v.pages.clear();
+            while i < pages.len() && pages[i].0 < v.start {
+                i += 1;
+            }
+            while i < pages.len() && pages[i].0 < v.end {
+                let (addr, slot) = pages[i];
+                let extend = match (v.pages.last_mut(), slot) {
+                    (Some(r), Slot::Zero { .. })
+                        if r.kind == PageKind::Zero && r.addr + r.npages as u64 * PAGE == addr =>
+                    {
+                        Some(r)
+                    }
+                    (Some(r), Slot::Data { at, .. }) => match r.kind {
+                        PageKind::Data { offset, .. }
+                            if r.addr + r.npages as u64 * PAGE == addr
+                                && offset + r.npages as u64 * PAGE == at
+                                && (offset as usize) / CHUNK == (at as usize) / CHUNK =>
+                        {
+                            Some(r)
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                match extend {
+                    Some(r) => r.npages += 1,
+                    None => v.pages.push(PageRun {
+                        addr,
+                        npages: 1,
+                        kind: match slot {
+                            Slot::Zero { .. } => PageKind::Zero,
+                            Slot::Data { at, .. } => PageKind::Data { offset: at, crc: 0 },
+                        },
+                    }),
+                }
+                match slot {
+                    Slot::Zero { .. } => zero += 1,
+                    Slot::Data { .. } => data += 1,
+                }
+                i += 1;
+            }
+        }
+        self.pages_zero += zero;
+        self.pages_data += data;
+    }
+
+    fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let (c, o) = ((offset as usize) / CHUNK, (offset as usize) % CHUNK);
+        self.chunks.get(c)?.get(o..o + len)
+    }
+}
+
+impl PageSource for MemPages {
+    fn read(
+        &self,
+        p: &ProcessImage,
+        offset: u64,
+        _crc: u32,
+        buf: &mut [u8],
+    ) -> Result<(), RestoreError> {
+        let src = self
+            .bytes(offset, buf.len())
+            .ok_or_else(|| RestoreError::Step {
+                pid: p.pid,
+                what: format!("received pages at {offset}"),
+                why: "outside the received data".into(),
+            })?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn read_chunked(
+        &self,
+        p: &ProcessImage,
+        offset: u64,
+        len: u64,
+        _crc: u32,
+        _chunk: &mut [u8],
+        sink: &mut PageSink<'_>,
+    ) -> Result<(), RestoreError> {
+        // The run is contiguous in memory already: hand it over in one piece.
+        let src = self
+            .bytes(offset, len as usize)
+            .ok_or_else(|| RestoreError::Step {
+                pid: p.pid,
+                what: format!("received pages at {offset}"),
+                why: "outside the received data".into(),
+            })?;
+        sink(0, src)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{Advice, Vma, VmaKind};
+
+    fn vma(start: u64, end: u64) -> Vma {
+        Vma {
+            start,
+            end,
+            prot: 3,
+            shared: false,
+            kind: VmaKind::Anon {
+                name: None,
+                heap: false,
+                stack: false,
+            },
+            advice: Advice::default(),
+            pages: Vec::new(),
+            guards: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn newer_round_wins_and_runs_are_built() {
+        let mut m = MemPages::new();
+        let a = [1u8; PAGE_SIZE];
+        let b = [2u8; PAGE_SIZE];
+        m.put(7, 0x1000, 0, Some(&a));
+        m.put(7, 0x2000, 0, Some(&a));
+        m.put(7, 0x3000, 0, None);
+        // Round 2 then a late round-1 batch for the same page.
+        m.put(7, 0x1000, 2, Some(&b));
+        m.put(7, 0x1000, 1, Some(&a));
+        let mut p = crate::image::tests_support::process(7, vec![vma(0x1000, 0x5000)]);
+        m.build_runs(&mut p);
+        let runs = &p.vmas[0].pages;
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].npages, 2);
+        assert_eq!(runs[1].kind, PageKind::Zero);
+        let PageKind::Data { offset, .. } = runs[0].kind else {
+            panic!("data run expected")
+        };
+        let mut buf = vec![0u8; 2 * PAGE_SIZE];
+        m.read(&p, offset, 0, &mut buf).unwrap();
+        assert!(buf[..PAGE_SIZE].iter().all(|&x| x == 2));
+        assert!(buf[PAGE_SIZE..].iter().all(|&x| x == 1));
+    }
+
+    #[test]
+    fn pages_outside_final_areas_are_ignored() {
+        let mut m = MemPages::new();
+        m.put(1, 0x9000, 0, Some(&[3u8; PAGE_SIZE]));
+        let mut p = crate::image::tests_support::process(1, vec![vma(0x1000, 0x2000)]);
+        m.build_runs(&mut p);
+        assert!(p.vmas[0].pages.is_empty());
+    }
+}
