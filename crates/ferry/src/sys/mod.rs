@@ -10,6 +10,7 @@
 
 pub mod abi;
 pub mod ptrace;
+pub mod uffd;
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
