@@ -14,13 +14,11 @@
 //!     killed and waited for until /proc/PID is gone.
 
 use crate::report::{self, Table};
-use crate::util::{self, CommonArgs, TempDir, Workload};
+use crate::util::{self, CheckpointJson, CommonArgs, RestoreJson, TempDir, Workload};
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
 use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 pub const LONG_ABOUT: &str = "Measure checkpoint and restore of the `mem` workload \
@@ -61,38 +59,6 @@ pub struct Args {
     pub check_ms: u64,
     #[command(flatten)]
     pub common: CommonArgs,
-}
-
-/// `ferry checkpoint --json` (stdout).
-#[derive(Deserialize, Debug, Clone)]
-#[allow(dead_code)] // fields kept for completeness of the report format
-struct CheckpointJson {
-    pid: i32,
-    threads: u64,
-    frozen_ms: f64,
-    state_ms: f64,
-    total_ms: f64,
-    bytes_written: u64,
-    pages: Pages,
-    leave_running: bool,
-}
-
-/// `ferry restore --json` (stderr).
-#[derive(Deserialize, Debug, Clone)]
-#[allow(dead_code)]
-struct RestoreJson {
-    pid: i32,
-    threads: u64,
-    total_ms: f64,
-    state_ms: f64,
-    bytes_read: u64,
-    pages: Pages,
-}
-
-#[derive(Deserialize, Debug, Clone)]
-struct Pages {
-    data: u64,
-    zero: u64,
 }
 
 /// One repetition's measurements.
@@ -305,13 +271,7 @@ fn run_rep(ctx: &Ctx, size: u64, rep: u32) -> Result<Sample> {
         ],
     )?;
     let restore_wall_ms = out.wall.as_secs_f64() * 1e3;
-    let printed: i32 = out
-        .stdout
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .and_then(|l| l.trim().parse().ok())
-        .with_context(|| format!("ferry restore --detach printed no pid: {:?}", out.stdout))?;
+    let printed = util::detached_pid(&out.stdout)?;
     if printed != pid2 {
         bail!("ferry restore --detach printed pid {printed}, expected {pid2}");
     }
@@ -351,29 +311,7 @@ fn remove_image(ctx: &Ctx, img: &Path) {
 /// Runs ferry with `args`; a non-zero exit is an error quoting the command
 /// and its stderr.
 fn ferry(ctx: &Ctx, scratch: &Path, label: &str, args: &[&OsStr]) -> Result<util::CmdOutput> {
-    let mut cmd = Command::new(&ctx.ferry);
-    cmd.args(args);
-    let shown = util::show_command(&cmd);
-    let out = util::run_command(&mut cmd, ctx.timeout, scratch, label)
-        .with_context(|| format!("running `{shown}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{shown}` failed ({}); stderr:\n{}",
-            util::describe_status(out.status),
-            indent(out.stderr.trim_end())
-        );
-    }
-    Ok(out)
-}
-
-fn indent(s: &str) -> String {
-    if s.is_empty() {
-        return "    (empty)".into();
-    }
-    s.lines()
-        .map(|l| format!("    {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    util::run_ferry(&ctx.ferry, args, ctx.timeout, scratch, label)
 }
 
 /// The summary table (medians), the per-repetition table and failure notes.
@@ -473,22 +411,7 @@ fn results_entry(
     details: &str,
     failures: &[String],
 ) -> String {
-    let machine = report::Machine::collect();
-    let git = report::git_describe(work).unwrap_or_else(|| "?".into());
-    let mut e = format!("## {} — cr (checkpoint/restore)\n\n", report::utc_now());
-    e += &format!("- command: `{}`\n", report::command_line());
-    e += &format!("- machine: {}\n", machine.describe());
-    e += &format!(
-        "- ferry: `{}` ({}), {}, workspace at git {git}\n",
-        ctx.ferry.display(),
-        report::ferry_build_kind(&ctx.ferry),
-        report::ferry_version(&ctx.ferry, work),
-    );
-    e += &format!(
-        "- images written to {} ({}); restore reads them back from the page cache\n",
-        work.parent().unwrap_or(work).display(),
-        report::fs_type(work)
-    );
+    let mut e = report::entry_header("cr (checkpoint/restore)", &ctx.ferry, work);
     e += &format!(
         "- {} repetition{} per size; medians\n\n",
         ctx.args.reps,

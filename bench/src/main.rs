@@ -1,10 +1,11 @@
 //! `ferry-bench`: benchmarks for ferry, run against the real `ferry` binary
-//! and the self-verifying workloads in `tests/workloads`.
+//! and self-verifying workloads (`tests/workloads`, `bench/workloads`).
 //!
 //! Each benchmark is a subcommand with its own module (`cr` for
-//! checkpoint/restore); what they share — spawning and reaping processes
-//! with bounded waits, cleanup guards, JSON parsing, tables, machine facts
-//! and `bench/RESULTS.md` — lives in `util` and `report`. To add one (say
+//! checkpoint/restore, `tree` for threads and process trees); what they
+//! share — spawning and reaping processes and process trees with bounded
+//! waits, cleanup guards, JSON parsing, tables, machine facts and
+//! `bench/RESULTS.md` — lives in `util` and `report`. To add one (say
 //! live migration), write `src/<name>.rs` with an `Args` struct that
 //! flattens [`util::CommonArgs`] and a `run(&Args) -> Result<()>`, and add a
 //! variant to [`Cmd`].
@@ -15,6 +16,7 @@ use std::process::ExitCode;
 
 mod cr;
 mod report;
+mod tree;
 mod util;
 
 #[derive(Parser)]
@@ -30,7 +32,8 @@ Needs root (ferry does). Every process a benchmark starts is killed and reaped o
 exit path, including Ctrl-C; all waits are bounded.",
     after_help = "Example:\n  \
 cargo build --release -p ferry-cli -p ferry-bench\n  \
-sudo target/release/ferry-bench cr --sizes 16,1024 --reps 3 --record"
+sudo target/release/ferry-bench cr --sizes 16,1024 --reps 3 --record\n  \
+sudo target/release/ferry-bench tree --reps 3 --record"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -42,6 +45,9 @@ enum Cmd {
     /// Checkpoint and restore timings and throughput of the `mem` workload.
     #[command(long_about = cr::LONG_ABOUT)]
     Cr(cr::Args),
+    /// Cost of extra threads and processes: checkpoint/restore of `fanout` trees.
+    #[command(long_about = tree::LONG_ABOUT)]
+    Tree(tree::Args),
 }
 
 fn main() -> ExitCode {
@@ -62,7 +68,9 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     util::install_signal_handlers()?;
     util::become_subreaper()?;
+    report::note_start_load();
     match cli.cmd {
         Cmd::Cr(args) => cr::run(&args),
+        Cmd::Tree(args) => tree::run(&args),
     }
 }

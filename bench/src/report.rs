@@ -270,6 +270,63 @@ fn utc_string(secs: u64) -> String {
     )
 }
 
+/// The common start of a RESULTS.md entry: the `##` heading (UTC date and
+/// `title`), the exact command line, the machine, the ferry build and git
+/// commit, and where the images were written. `work` is the scratch
+/// directory (inside the images' parent directory).
+pub fn entry_header(title: &str, ferry: &Path, work: &Path) -> String {
+    let machine = Machine::collect();
+    let git = git_describe(work).unwrap_or_else(|| "?".into());
+    let mut e = format!("## {} — {title}\n\n", utc_now());
+    e += &format!("- command: `{}`\n", command_line());
+    e += &format!("- machine: {}\n", machine.describe());
+    e += &format!(
+        "- ferry: `{}` ({}, built {}), {}, workspace at git {git}\n",
+        ferry.display(),
+        ferry_build_kind(ferry),
+        file_mtime(ferry),
+        ferry_version(ferry, work),
+    );
+    e += &format!(
+        "- images written to {} ({}); restore reads them back from the page cache\n",
+        work.parent().unwrap_or(work).display(),
+        fs_type(work)
+    );
+    e += &format!(
+        "- load average (1, 5, 15 min): {} at the start, {} at the end (other work \
+         running at the same time makes the numbers vary)\n",
+        START_LOAD.get().map_or("?", String::as_str),
+        loadavg().unwrap_or_else(|| "?".into())
+    );
+    e
+}
+
+static START_LOAD: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Remembers the load average at the start of the run, for the record.
+pub fn note_start_load() {
+    if let Some(l) = loadavg() {
+        let _ = START_LOAD.set(l);
+    }
+}
+
+/// The 1, 5 and 15 minute load averages from /proc/loadavg.
+pub fn loadavg() -> Option<String> {
+    let text = fs::read_to_string("/proc/loadavg").ok()?;
+    let v: Vec<&str> = text.split_whitespace().take(3).collect();
+    (v.len() == 3).then(|| v.join(" "))
+}
+
+/// A file's modification time as "YYYY-MM-DD HH:MM UTC" (for a binary: when
+/// it was built, which tells whether it can match the workspace's sources).
+pub fn file_mtime(path: &Path) -> String {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or_else(|| "?".into(), |d| utc_string(d.as_secs()))
+}
+
 // ---- RESULTS.md ----------------------------------------------------------------
 
 const RESULTS_INTRO: &str = "# ferry benchmark results

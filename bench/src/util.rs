@@ -446,6 +446,17 @@ pub fn build_workload(name: &str, out_dir: &Path, extra_flags: &[&str]) -> Resul
     let src = workspace_root()
         .join("tests/workloads")
         .join(format!("{name}.c"));
+    build_c(&src, name, out_dir, extra_flags)
+}
+
+/// Builds `bench/workloads/<name>.c` (workloads made for the benchmarks, same
+/// protocol as `tests/workloads`) into `out_dir` and returns the binary.
+pub fn build_bench_workload(name: &str, out_dir: &Path, extra_flags: &[&str]) -> Result<PathBuf> {
+    let src = bench_dir().join("workloads").join(format!("{name}.c"));
+    build_c(&src, name, out_dir, extra_flags)
+}
+
+fn build_c(src: &Path, name: &str, out_dir: &Path, extra_flags: &[&str]) -> Result<PathBuf> {
     if !src.is_file() {
         bail!("workload source {} not found", src.display());
     }
@@ -455,7 +466,7 @@ pub fn build_workload(name: &str, out_dir: &Path, extra_flags: &[&str]) -> Resul
         .args(extra_flags)
         .arg("-o")
         .arg(&out)
-        .arg(&src);
+        .arg(src);
     let res = run_command(
         &mut cmd,
         Duration::from_secs(120),
@@ -728,6 +739,281 @@ impl Drop for Adopted {
     }
 }
 
+// ---- process trees --------------------------------------------------------------
+
+/// (ppid, state) of `pid` from /proc/PID/stat; None once it is gone (reaped).
+pub fn proc_stat(pid: i32) -> Option<(i32, char)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ..."; comm may contain ')'.
+    let mut it = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = it.next()?.chars().next()?;
+    let ppid = it.next()?.parse().ok()?;
+    Some((ppid, state))
+}
+
+/// Every process on the system as (pid, ppid). (Not the
+/// /proc/PID/task/TID/children files: kernels without CONFIG_PROC_CHILDREN
+/// lack them.)
+fn process_table() -> Vec<(i32, i32)> {
+    let mut out = Vec::new();
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if let Some((ppid, _)) = proc_stat(pid) {
+                out.push((pid, ppid));
+            }
+        }
+    }
+    out
+}
+
+/// `root` and all its descendants (processes, not threads), root first, in
+/// breadth-first order, children sorted by pid. Empty if `root` is gone.
+pub fn descendants(root: i32) -> Vec<i32> {
+    if proc_stat(root).is_none() {
+        return Vec::new();
+    }
+    let table = process_table();
+    let mut out = vec![root];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        let mut kids: Vec<i32> = table
+            .iter()
+            .filter(|&&(pid, ppid)| ppid == p && !out.contains(&pid))
+            .map(|&(pid, _)| pid)
+            .collect();
+        kids.sort_unstable();
+        out.extend(kids);
+        i += 1;
+    }
+    out
+}
+
+/// Number of threads of `pid` (entries of /proc/PID/task).
+pub fn thread_count(pid: i32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+/// /proc/PID/exe (unreadable for zombies and once the process is gone).
+pub fn exe_of(pid: i32) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+fn my_pid() -> i32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() }
+}
+
+/// A process tree we are responsible for: a workload's root and its
+/// descendants, or a tree restored by `ferry restore --detach`. On drop
+/// every process of it is SIGKILLed and reaped, and the guard waits (bounded)
+/// until none of its pids is left in /proc.
+///
+/// Which pids are ours: the ones recorded when the guard was made (taken
+/// before a checkpoint, so exactly those a restore recreates) plus any
+/// descendant of them found later, but only while they run one of `exes`
+/// (the workload, and ferry, whose restored processes run ferry's code until
+/// their memory is in place): a pid that was freed and reused by an
+/// unrelated process is never signalled. We are a child subreaper, so when a
+/// tree's root dies its orphans become our children and we can reap them;
+/// zombies that are another tree member's children are waited for until
+/// that parent dies too.
+///
+/// A root that a [`ChildGuard`] (a [`Workload`]) owns is signalled but not
+/// reaped here (`root_owned`): std's `Child` must reap it itself.
+pub struct ProcTree {
+    root: i32,
+    pids: Vec<i32>,
+    exes: Vec<PathBuf>,
+    root_owned: bool,
+    what: String,
+    /// Pids seen running one of `exes` (or the owned root): while they
+    /// exit, /proc/PID/exe is already unreadable, yet they are still ours.
+    confirmed: Vec<i32>,
+    /// Wait statuses of the processes this guard reaped.
+    reaped: Vec<(i32, i32)>,
+    done: bool,
+}
+
+impl ProcTree {
+    /// A guard for `root` and `pids` (the recorded tree; the root is added
+    /// if missing) whose processes run one of `exes`.
+    pub fn new(
+        root: i32,
+        pids: &[i32],
+        exes: &[&Path],
+        root_owned: bool,
+        what: impl Into<String>,
+    ) -> Self {
+        let mut tree = Self {
+            root,
+            pids: vec![root],
+            exes: exes
+                .iter()
+                .map(|e| fs::canonicalize(e).unwrap_or_else(|_| e.to_path_buf()))
+                .collect(),
+            root_owned,
+            what: what.into(),
+            confirmed: Vec::new(),
+            reaped: Vec::new(),
+            done: false,
+        };
+        tree.add(&[root]);
+        tree.add(pids);
+        tree
+    }
+
+    /// Adds pids (recorded later) to the tree; those that run one of `exes`
+    /// now stay ours until they are gone.
+    pub fn add(&mut self, pids: &[i32]) {
+        for &p in pids {
+            if !self.pids.contains(&p) {
+                self.pids.push(p);
+            }
+            if !self.confirmed.contains(&p) && self.is_ours(p) {
+                self.confirmed.push(p);
+            }
+        }
+    }
+
+    /// The root is no longer owned by a `ChildGuard` (it was reaped).
+    pub fn set_root_owned(&mut self, owned: bool) {
+        self.root_owned = owned;
+    }
+
+    /// Wait statuses of the processes this guard has reaped so far.
+    pub fn reaped(&self) -> &[(i32, i32)] {
+        &self.reaped
+    }
+
+    fn is_ours(&self, pid: i32) -> bool {
+        exe_of(pid).is_some_and(|e| self.exes.contains(&e))
+    }
+
+    /// Adds the current descendants of our live processes to the known pids.
+    fn discover(&mut self) {
+        let table = process_table();
+        let mut i = 0;
+        while i < self.pids.len() {
+            let p = self.pids[i];
+            if self.is_ours(p) || (p == self.root && proc_stat(p).is_some()) {
+                for &(pid, ppid) in &table {
+                    if ppid == p && !self.pids.contains(&pid) {
+                        self.pids.push(pid);
+                    }
+                }
+            }
+            i += 1;
+        }
+    }
+
+    /// One pass: reaps what it can and (with `kill`) SIGKILLs what still
+    /// runs. Returns descriptions of the processes that are still there.
+    fn sweep(&mut self, kill: bool) -> Vec<String> {
+        self.discover();
+        let me = my_pid();
+        let mut left = Vec::new();
+        for pid in self.pids.clone() {
+            let Some((ppid, state)) = proc_stat(pid) else {
+                continue; // gone
+            };
+            if matches!(state, 'Z' | 'X') {
+                if pid == self.root && self.root_owned {
+                    continue; // its ChildGuard reaps it
+                }
+                if ppid == me {
+                    let mut st = 0;
+                    // SAFETY: waitpid on a specific zombie child, WNOHANG.
+                    let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG | libc::__WALL) };
+                    if r == pid {
+                        self.reaped.push((pid, st));
+                        continue;
+                    }
+                } else if !self.pids.contains(&ppid) {
+                    // Someone else's zombie: the pid was reused.
+                    continue;
+                }
+                left.push(format!("{pid} (zombie, parent {ppid})"));
+            } else if self.is_ours(pid) || (pid == self.root && self.root_owned) {
+                if !self.confirmed.contains(&pid) {
+                    self.confirmed.push(pid);
+                }
+                if kill {
+                    // SAFETY: kill(2) on a process running our workload (or
+                    // ferry's restorer), or on our own unreaped child.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                left.push(format!("{pid} (state {state}, parent {ppid})"));
+            } else if self.confirmed.contains(&pid) && exe_of(pid).is_none() {
+                // Ours and dying: its memory (and so /proc/PID/exe) is gone
+                // but it is not a zombie yet. Not signalled again: the pid
+                // could be reused once its parent reaps it.
+                left.push(format!("{pid} (exiting, parent {ppid})"));
+            }
+            // else: a live process that is not ours (a reused pid): ignore.
+        }
+        left
+    }
+
+    /// Waits up to `timeout` until every process of the tree is gone
+    /// (reaping our zombies), without signalling anything: for a tree that
+    /// ferry is killing. Fails naming what is left.
+    pub fn wait_gone(&mut self, timeout: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            let left = self.sweep(false);
+            if left.is_empty() {
+                return Ok(());
+            }
+            if t0.elapsed() > timeout {
+                bail!(
+                    "{}: still there {timeout:?} later: {}",
+                    self.what,
+                    left.join(", ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// SIGKILLs every process of the tree, reaps them and waits until none
+    /// is left in /proc (the root only until it is a zombie, if a
+    /// `ChildGuard` owns it).
+    pub fn kill(&mut self) -> Result<()> {
+        if self.done {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        loop {
+            let left = self.sweep(true);
+            if left.is_empty() {
+                self.done = true;
+                return Ok(());
+            }
+            if t0.elapsed() > REAP_TIMEOUT {
+                self.done = true;
+                bail!(
+                    "{}: still there {REAP_TIMEOUT:?} after SIGKILL: {}",
+                    self.what,
+                    left.join(", ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+impl Drop for ProcTree {
+    fn drop(&mut self) {
+        if let Err(e) = self.kill() {
+            eprintln!("ferry-bench: cleanup: {e:#}");
+        }
+    }
+}
+
 // ---- commands -----------------------------------------------------------------
 
 /// What a finished command printed, and how long it ran.
@@ -770,6 +1056,90 @@ pub fn run_command(
         stderr: fs::read_to_string(&err_path).unwrap_or_default(),
         wall,
     })
+}
+
+/// Runs `ferry ARGS` to completion (see [`run_command`]); a non-zero exit is
+/// an error quoting the exact command and ferry's stderr.
+pub fn run_ferry(
+    ferry: &Path,
+    args: &[&OsStr],
+    timeout: Duration,
+    scratch: &Path,
+    label: &str,
+) -> Result<CmdOutput> {
+    let mut cmd = Command::new(ferry);
+    cmd.args(args);
+    let shown = show_command(&cmd);
+    let out = run_command(&mut cmd, timeout, scratch, label)
+        .with_context(|| format!("running `{shown}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{shown}` failed ({}); stderr:\n{}",
+            describe_status(out.status),
+            indent(out.stderr.trim_end())
+        );
+    }
+    Ok(out)
+}
+
+/// Indents every line by four spaces ("(empty)" for nothing).
+pub fn indent(s: &str) -> String {
+    if s.is_empty() {
+        return "    (empty)".into();
+    }
+    s.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The pid that `ferry restore --detach` printed on stdout (last non-empty
+/// line).
+pub fn detached_pid(stdout: &str) -> Result<i32> {
+    stdout
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .and_then(|l| l.trim().parse().ok())
+        .with_context(|| format!("ferry restore --detach printed no pid: {stdout:?}"))
+}
+
+/// `ferry checkpoint --json` (stdout).
+#[derive(serde::Deserialize, Debug, Clone)]
+#[allow(dead_code)] // fields kept for completeness of the report format
+pub struct CheckpointJson {
+    pub pid: i32,
+    /// Processes in the checkpointed tree (absent from older ferry builds).
+    #[serde(default)]
+    pub processes: u64,
+    /// Threads of all of them.
+    pub threads: u64,
+    pub frozen_ms: f64,
+    pub state_ms: f64,
+    pub total_ms: f64,
+    pub bytes_written: u64,
+    pub pages: Pages,
+    pub leave_running: bool,
+}
+
+/// `ferry restore --json` (stderr).
+#[derive(serde::Deserialize, Debug, Clone)]
+#[allow(dead_code)]
+pub struct RestoreJson {
+    pub pid: i32,
+    #[serde(default)]
+    pub processes: u64,
+    pub threads: u64,
+    pub total_ms: f64,
+    pub state_ms: f64,
+    pub bytes_read: u64,
+    pub pages: Pages,
+}
+
+#[derive(serde::Deserialize, Debug, Clone)]
+pub struct Pages {
+    pub data: u64,
+    pub zero: u64,
 }
 
 /// A command line as one shell-pasteable string.
