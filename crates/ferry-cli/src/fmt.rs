@@ -83,3 +83,50 @@ pub fn restore_json(r: &ferry::restore::Report) -> Value {
         "pages": { "data": r.pages_data, "zero": r.pages_zero },
     })
 }
+
+pub fn progress_line(p: &ferry::migrate::source::Progress) -> String {
+    format!(
+        "ferry: round {:>3} [{}]: sent {} pages, {} dirty, {}/s, est. downtime {:.1} ms",
+        p.round,
+        p.phase,
+        p.pages_sent,
+        p.dirty_pages,
+        bytes(p.bandwidth as u64),
+        p.estimated_downtime.as_secs_f64() * 1e3
+    )
+}
+
+pub fn migration_summary(r: &ferry::migrate::report::MigrationReport) -> String {
+    let mut s = format!(
+        "migrated pid {} to {} (now pid {} there): downtime {:.1} ms, total {:.1} ms, {} sent in {} rounds; \
+controller {}, stopped by {}{}\n",
+        r.pid,
+        r.target,
+        r.target_pid,
+        r.downtime_ms,
+        r.total_ms,
+        bytes(r.bytes_sent),
+        r.rounds.len(),
+        r.controller,
+        r.stop_reason,
+        r.pattern.as_deref().map(|p| format!(" (pattern {p})")).unwrap_or_default()
+    );
+    s.push_str(&format!(
+        "pages: {} zero, {} raw, {} lz4, {} zstd, {} absent, {} resent\n",
+        r.pages.zero, r.pages.raw, r.pages.lz4, r.pages.zstd, r.pages.absent, r.pages.resent
+    ));
+    s.push_str("round  dirty pages  pages sent    duration ms  bandwidth\n");
+    for x in &r.rounds {
+        s.push_str(&format!(
+            "{:>5}{} {:>11} {:>11} {:>14.1}  {}/s\n",
+            x.round,
+            if x.frozen { "*" } else { " " },
+            x.dirty_pages,
+            x.pages_sent,
+            x.duration_ms,
+            bytes(x.bandwidth as u64)
+        ));
+    }
+    s.push_str("(* stop-and-copy, job frozen)");
+    s
+}

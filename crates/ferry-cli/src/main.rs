@@ -132,6 +132,88 @@ pipes to processes outside the job)."
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<std::ffi::OsString>,
     },
+    /// Receive migrations on this node: the per-node agent.
+    #[command(
+        long_about = "Listen for live migrations (`ferry migrate ... --to ADDR:PORT`), \
+receive each job's memory while it still runs on its source node, and restore it here when \
+the source commits. Restored jobs run in a fresh PID namespace of their own (so their PIDs \
+are always free) and are reaped by the agent.\n\n\
+Peers must prove they hold the secret in --token-file (HMAC challenge-response in both \
+directions; the token never crosses the network). Without a token file the agent only \
+listens on a loopback address. The file must not be readable by other users (chmod 600).\n\n\
+Runs until SIGINT or SIGTERM. A bad peer (garbage, wrong token, dropped link) only ends \
+its own session. Logs go to stderr (FERRY_LOG=info for one line per migration)."
+    )]
+    Agent {
+        /// Address and port to listen on.
+        #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:7707")]
+        listen: String,
+        /// File holding the shared secret (required for non-loopback addresses).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// Where incoming jobs' staged files go during a restore.
+        #[arg(long, value_name = "DIR", default_value = "/var/tmp/ferry-agent")]
+        work_dir: PathBuf,
+    },
+    /// Live-migrate a running job to another node's agent.
+    #[command(
+        long_about = "Move the running job PID (and all its descendants) to the agent at \
+ADDR:PORT while it keeps running: its memory is copied while it runs, the pages it writes \
+are tracked (userfaultfd write-protect; --tracker) and sent again, and when the convergence \
+controller says so the job is frozen, the rest of its memory and all other state are sent, \
+and the target restores it. The job is killed here only once the target reports that it \
+runs; if anything fails before that (link down, target gone or refusing, restore failure, \
+Ctrl-C) the job keeps running here exactly as before and ferry exits non-zero.\n\n\
+Controllers (when to stop the live phase):\n  \
+adaptive        (default) the memory-update patterns of Ibrahim et al. (SC'11), sampled \
+every --interval after a first full pass: a = modified pages per interval stable, b = all \
+dirty pages sent in less than one interval, c = >= 90% of the pages sent were already sent \
+the round before\n  \
+downtime:<ms>   stop when remaining bytes / measured bandwidth < <ms> (the KVM rule)\n  \
+iterations:<n>  stop after n rounds, when < 50 pages are dirty, or after sending 3x the \
+memory (the Xen rule)\n  \
+stop-copy       no live phase: freeze and copy everything (checkpoint/restart)\n\n\
+Jobs to migrate between two nodes of one host should be started with `ferry run`. Files \
+the job has open must exist on the target at the same paths (shared storage). A progress \
+line per round goes to stderr; the report goes to stdout (--json: one JSON object)."
+    )]
+    Migrate {
+        /// Job to migrate (e.g. the PID printed by `ferry run --detach`).
+        pid: i32,
+        /// The target agent.
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: String,
+        /// File holding the shared secret (as given to the agent).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// When to stop the live phase: adaptive, downtime:<ms>, iterations:<n>, stop-copy.
+        #[arg(long, default_value = "adaptive")]
+        controller: String,
+        /// Upper bound on live rounds (any controller).
+        #[arg(long)]
+        max_iterations: Option<u32>,
+        /// Sampling interval of the adaptive controller.
+        #[arg(long, value_name = "MS", default_value_t = 1000)]
+        interval_ms: u64,
+        /// Cap on the total sending rate, e.g. 1G, 500M, 100MiB/s, 1gbit.
+        #[arg(long, value_name = "RATE")]
+        max_bandwidth: Option<String>,
+        /// Page compression on the wire: none, lz4, zstd, zstd:<level>.
+        #[arg(long, default_value = "lz4")]
+        compress: String,
+        /// Extra TCP connections for pages (0: pages on the control connection).
+        #[arg(long, default_value_t = 0)]
+        streams: u16,
+        /// Dirty-page tracker: auto, uffd-wp, soft-dirty, hash.
+        #[arg(long, default_value = "auto")]
+        tracker: String,
+        /// Seconds to wait for a connection or a reply before giving up.
+        #[arg(long, default_value_t = 20)]
+        timeout: u64,
+        /// Print the report as one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print an image's metadata (processes, areas, files, signals) as JSON.
     #[command(
         long_about = "Validate the image in DIR (checksums, bounds, references) and \
@@ -254,6 +336,108 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 None => ferry::jobinit::Main::Spawn(cmd),
             };
             Ok(ExitCode::from(ferry::jobinit::run_init(main) as u8))
+        }
+        Cmd::Agent {
+            listen,
+            token_file,
+            work_dir,
+        } => {
+            require_root()?;
+            let addr: std::net::SocketAddr = listen
+                .parse()
+                .with_context(|| format!("--listen {listen}: expected ADDR:PORT"))?;
+            let token = match &token_file {
+                Some(f) => ferry::wire::load_token(f)?,
+                None if addr.ip().is_loopback() => {
+                    ferry::wire::AuthToken::new(ferry::migrate::agent::LOOPBACK_TOKEN)?
+                }
+                None => bail!("--listen {addr} is not a loopback address: give --token-file so peers must authenticate"),
+            };
+            let stop = ferry::sys::stop_flag_on_signals();
+            let cfg = ferry::migrate::agent::AgentConfig {
+                listen: addr,
+                token,
+                work_dir,
+            };
+            ferry::migrate::agent::run(cfg, stop, |a| eprintln!("ferry agent: listening on {a}"))?;
+            eprintln!("ferry agent: stopped");
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Migrate {
+            pid,
+            to,
+            token_file,
+            controller,
+            max_iterations,
+            interval_ms,
+            max_bandwidth,
+            compress,
+            streams,
+            tracker,
+            timeout,
+            json,
+        } => {
+            require_root()?;
+            let mut copts = ferry::migrate::controller::ControllerOptions {
+                max_iterations,
+                ..Default::default()
+            };
+            copts.adaptive.interval = std::time::Duration::from_millis(interval_ms.max(1));
+            let controller = ferry::migrate::controller::parse(&controller, &copts)?;
+            let compression: ferry::wire::Compression = compress
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--compress {compress}: {e}"))?;
+            let max_bandwidth = max_bandwidth
+                .map(|b| {
+                    ferry::wire::parse_bandwidth(&b)
+                        .map_err(|e| anyhow::anyhow!("--max-bandwidth {b}: {e}"))
+                })
+                .transpose()?;
+            let token = match &token_file {
+                Some(f) => ferry::wire::load_token(f)?,
+                None => ferry::wire::AuthToken::new(ferry::migrate::agent::LOOPBACK_TOKEN)?,
+            };
+            let opts = ferry::migrate::source::Options {
+                to: to.clone(),
+                token,
+                controller,
+                compression,
+                streams,
+                max_bandwidth,
+                tracker,
+                timeout: std::time::Duration::from_secs(timeout.max(1)),
+            };
+            let stop = ferry::sys::stop_flag_on_signals();
+            let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let c2 = cancel.clone();
+            std::thread::spawn(move || loop {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    c2.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            });
+            let mut progress =
+                |p: &ferry::migrate::source::Progress| eprintln!("{}", fmt::progress_line(p));
+            match ferry::migrate::source::migrate(pid, opts, cancel, &mut progress) {
+                Ok(rep) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&rep)?);
+                    } else {
+                        println!("{}", fmt::migration_summary(&rep));
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(ferry::migrate::MigrateError::Cancelled) => {
+                    eprintln!(
+                        "ferry: migration of pid {pid} cancelled; the job keeps running here"
+                    );
+                    Ok(ExitCode::from(130))
+                }
+                Err(e) => Err(anyhow::Error::new(e).context(format!(
+                    "migration of pid {pid} to {to} failed; the job keeps running here"
+                ))),
+            }
         }
         Cmd::Inspect { dir } => {
             let img = ferry::image::ImageDir::new(&dir, false)?;

@@ -141,6 +141,12 @@ impl ImageDir {
     }
 }
 
+/// Checks an inventory that did not come from a file (e.g. received over
+/// the wire) as strictly as [`ImageDir::read_inventory`] checks one that did.
+pub fn validate_inventory(inv: &Inventory) -> Result<(), ImageError> {
+    validate::inventory(Path::new("<received inventory>"), inv)
+}
+
 /// Appends page data to a process's page store.
 pub struct PageStoreWriter {
     path: PathBuf,

@@ -1,0 +1,377 @@
+//! The node agent (`ferry agent`): accepts migrations, keeps each session's
+//! pages in memory, restores the job when the source commits, and reaps
+//! the jobs it restored. A connection is a thread; the protocol logic is
+//! the wire module's receiver state machine, so a bad peer only ever ends
+//! its own session.
+
+use super::mempages::MemPages;
+use super::MigrateError;
+use crate::image::{self, ImageDir, Inventory};
+use crate::restore;
+use crate::sys::{self, WaitStatus};
+use crate::wire::{
+    self, messages::Restored, AuthToken, Event, Features, FrameReader, FrameType, FrameWriter,
+    Message, Receiver, ReceiverConfig, SessionId, SinkError,
+};
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The token used when none is configured (the agent then only listens on
+/// loopback, where every peer is local).
+pub const LOOPBACK_TOKEN: &[u8] = b"ferry: no token configured (loopback only)";
+
+/// Most page streams a source may open.
+const MAX_STREAMS: u16 = 16;
+/// A connection silent for this long is dropped.
+const IDLE: Duration = Duration::from_secs(120);
+
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub token: AuthToken,
+    /// Where blobs of incoming jobs are staged during a restore.
+    pub work_dir: PathBuf,
+}
+
+/// Pages of a session, as the receiver hands them over.
+#[derive(Default)]
+pub struct MemSink(pub MemPages);
+
+impl wire::PageSink for MemSink {
+    fn page(
+        &mut self,
+        pid: i32,
+        round: u32,
+        addr: u64,
+        data: &[u8; wire::PAGE_SIZE],
+    ) -> Result<(), SinkError> {
+        self.0.put(pid, addr, round, Some(data));
+        Ok(())
+    }
+
+    fn zero(&mut self, pid: i32, round: u32, addr: u64, npages: u32) -> Result<(), SinkError> {
+        for k in 0..npages as u64 {
+            self.0
+                .put(pid, addr + k * wire::PAGE_SIZE as u64, round, None);
+        }
+        Ok(())
+    }
+
+    fn absent(&mut self, pid: i32, _round: u32, addr: u64, npages: u32) -> Result<(), SinkError> {
+        for k in 0..npages as u64 {
+            self.0.drop_page(pid, addr + k * wire::PAGE_SIZE as u64);
+        }
+        Ok(())
+    }
+}
+
+type Conn = FrameWriter<TcpStream>;
+
+struct Session {
+    rx: Mutex<Receiver<MemSink>>,
+    main: Mutex<Conn>,
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    sessions: Mutex<HashMap<SessionId, Arc<Session>>>,
+    /// Restored jobs to reap: (pid the agent waits for, job root pid).
+    jobs: Mutex<Vec<(i32, i32)>>,
+}
+
+/// Runs the agent until `stop` is set. `ready` is called once listening.
+pub fn run(
+    cfg: AgentConfig,
+    stop: &AtomicBool,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), MigrateError> {
+    let l = TcpListener::bind(cfg.listen).map_err(|source| MigrateError::Io {
+        what: format!("cannot listen on {}", cfg.listen),
+        source,
+    })?;
+    let local = l.local_addr().unwrap_or(cfg.listen);
+    l.set_nonblocking(true).map_err(|source| MigrateError::Io {
+        what: "listener".into(),
+        source,
+    })?;
+    std::fs::create_dir_all(&cfg.work_dir).map_err(|source| MigrateError::Io {
+        what: format!("cannot create {}", cfg.work_dir.display()),
+        source,
+    })?;
+    let agent = Arc::new(Agent {
+        cfg,
+        sessions: Mutex::new(HashMap::new()),
+        jobs: Mutex::new(Vec::new()),
+    });
+    ready(local);
+    let mut last_reap = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        match l.accept() {
+            Ok((s, peer)) => {
+                let a = agent.clone();
+                let _ = std::thread::Builder::new()
+                    .name(format!("ferry-conn-{peer}"))
+                    .spawn(move || {
+                        if let Err(e) = serve(&a, s) {
+                            tracing::warn!(%peer, "connection ended: {e}");
+                        }
+                    });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            Err(e) => tracing::warn!("accept: {e}"),
+        }
+        if last_reap.elapsed() > Duration::from_millis(100) {
+            agent.reap();
+            last_reap = Instant::now();
+        }
+    }
+    Ok(())
+}
+
+impl Agent {
+    /// Reaps restored jobs that ended (they are the agent's children).
+    fn reap(&self) {
+        let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        jobs.retain(|&(wait, root)| match sys::waitpid(wait, libc::WNOHANG) {
+            Ok(Some((_, WaitStatus::Exited(c)))) => {
+                tracing::info!(pid = root, "job exited with status {c}");
+                false
+            }
+            Ok(Some((_, WaitStatus::Signaled(s)))) => {
+                tracing::info!(pid = root, "job killed by signal {s}");
+                false
+            }
+            Ok(_) => true,
+            Err(_) => false,
+        });
+    }
+
+    fn session(&self, id: &SessionId) -> Option<Arc<Session>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+}
+
+fn send_all(w: &Mutex<Conn>, msgs: &[Message]) -> Result<(), MigrateError> {
+    if msgs.is_empty() {
+        return Ok(());
+    }
+    let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+    for m in msgs {
+        w.send(m)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+/// One connection: a session's main connection or one of its page streams.
+fn serve(agent: &Arc<Agent>, s: TcpStream) -> Result<(), MigrateError> {
+    let io = |e| MigrateError::Io {
+        what: "socket".into(),
+        source: e,
+    };
+    s.set_nonblocking(false).map_err(io)?;
+    let _ = s.set_nodelay(true);
+    s.set_read_timeout(Some(IDLE)).map_err(io)?;
+    let _ = s.set_write_timeout(Some(IDLE));
+    let mut r = FrameReader::new(s.try_clone().map_err(io)?);
+    let w = FrameWriter::new(s);
+    let first = r.read_frame()?.to_owned();
+    match first.ty {
+        FrameType::Hello => serve_main(agent, r, w, first),
+        FrameType::StreamJoin => serve_stream(agent, r, w, first),
+        other => {
+            let mut w = w;
+            let _ = w.send(&Message::Error {
+                message: format!("{other} cannot open a connection"),
+            });
+            let _ = w.flush();
+            Err(MigrateError::Refused(format!("a peer opened with {other}")))
+        }
+    }
+}
+
+fn serve_main(
+    agent: &Arc<Agent>,
+    mut r: FrameReader<TcpStream>,
+    w: Conn,
+    first: wire::OwnedFrame,
+) -> Result<(), MigrateError> {
+    let cfg = ReceiverConfig {
+        token: agent.cfg.token.clone(),
+        features: Features::ours(MAX_STREAMS),
+        machine: Some(crate::checkpoint::machine_info()),
+    };
+    let sess = Arc::new(Session {
+        rx: Mutex::new(Receiver::new(cfg, MemSink::default())?),
+        main: Mutex::new(w),
+    });
+    let mut id: Option<SessionId> = None;
+    let mut frame = Some(first);
+    let result = loop {
+        let f = match frame.take() {
+            Some(f) => f,
+            None => match r.read_frame() {
+                Ok(f) => f.to_owned(),
+                Err(e) => {
+                    let ev = lock(&sess.rx).on_main_closed();
+                    tracing::info!("source connection closed ({e}): {ev:?}");
+                    break Ok(());
+                }
+            },
+        };
+        let a = lock(&sess.rx).on_frame(&f.as_frame());
+        let a = match a {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = send_all(&sess.main, &[wire::error_message(&e)]);
+                break Err(e.into());
+            }
+        };
+        if id.is_none() {
+            if let Some(s) = lock(&sess.rx).session() {
+                agent
+                    .sessions
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(s, sess.clone());
+                id = Some(s);
+            }
+        }
+        send_all(&sess.main, &a.send)?;
+        match a.event {
+            Event::Restore(inv) => restore_job(agent, &sess, inv)?,
+            Event::Close { .. } | Event::Aborted { .. } => break Ok(()),
+            Event::Released => {}
+            _ => {}
+        }
+    };
+    if let Some(s) = id {
+        agent
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&s);
+    }
+    result
+}
+
+fn serve_stream(
+    agent: &Arc<Agent>,
+    mut r: FrameReader<TcpStream>,
+    mut w: Conn,
+    first: wire::OwnedFrame,
+) -> Result<(), MigrateError> {
+    let join = match Message::decode(&first.as_frame())? {
+        Message::StreamJoin(j) => j,
+        _ => return Err(MigrateError::Refused("malformed StreamJoin".into())),
+    };
+    let Some(sess) = agent.session(&join.session) else {
+        let _ = w.send(&Message::AuthFail {
+            reason: "no such session".into(),
+        });
+        let _ = w.flush();
+        return Err(MigrateError::Refused(
+            "a stream joined an unknown session".into(),
+        ));
+    };
+    let (idx, a) = match lock(&sess.rx).on_stream_join(&first.as_frame()) {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = w.send(&Message::AuthFail {
+                reason: e.to_string(),
+            });
+            let _ = w.flush();
+            return Err(e.into());
+        }
+    };
+    for m in &a.send {
+        w.send(m)?;
+    }
+    w.flush()?;
+    loop {
+        let f = match r.read_frame() {
+            Ok(f) => f.to_owned(),
+            Err(_) => {
+                let a = lock(&sess.rx).on_stream_closed(idx);
+                if let Ok(a) = a {
+                    send_all(&sess.main, &a.send)?;
+                }
+                return Ok(());
+            }
+        };
+        let a = lock(&sess.rx).on_stream_frame(idx, &f.as_frame());
+        let a = match a {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = send_all(&sess.main, &[wire::error_message(&e)]);
+                return Err(e.into());
+            }
+        };
+        send_all(&sess.main, &a.send)?;
+        if let Event::Restore(inv) = a.event {
+            restore_job(agent, &sess, inv)?;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Restores a committed job from the session's pages, on this thread (the
+/// whole restore must be traced by one thread), and tells the source.
+fn restore_job(
+    agent: &Arc<Agent>,
+    sess: &Arc<Session>,
+    mut inv: Box<Inventory>,
+) -> Result<(), MigrateError> {
+    let t = Instant::now();
+    let (mut pages, blobs, sid) = {
+        let mut rx = lock(&sess.rx);
+        let pages = std::mem::take(&mut rx.sink_mut().0);
+        (pages, rx.take_blobs(), rx.session().unwrap_or_default())
+    };
+    let outcome = (|| -> Result<restore::Report, MigrateError> {
+        image::validate_inventory(&inv)?;
+        for p in inv.processes.iter_mut() {
+            pages.build_runs(p);
+        }
+        let dir = agent.cfg.work_dir.join(format!("session-{sid}"));
+        let img = ImageDir::new(&dir, true)?;
+        for (b, data) in inv.blobs.iter().zip(&blobs) {
+            img.write_blob(&b.file, &b.origin, data)?;
+        }
+        // Two nodes on one host share a pid namespace: a fresh one per job
+        // keeps every pid free whatever else runs here.
+        let opts = restore::Options { fresh_pidns: true };
+        let r = restore::restore_from(&inv, &pages, &img, &opts);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(r?)
+    })();
+    drop(pages);
+    let result = match &outcome {
+        Ok(rep) => {
+            lock(&agent.jobs).push((rep.wait_pid, rep.pid));
+            tracing::info!(pid = rep.pid, "job restored in {:?}", t.elapsed());
+            Ok(Restored {
+                pid: rep.pid,
+                restore_ms: t.elapsed().as_millis() as u64,
+            })
+        }
+        Err(e) => {
+            tracing::warn!("restore failed: {e}");
+            Err(e.to_string())
+        }
+    };
+    let a = lock(&sess.rx).restore_finished(result)?;
+    send_all(&sess.main, &a.send)
+}

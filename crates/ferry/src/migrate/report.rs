@@ -1,0 +1,65 @@
+//! What a migration reports: the JSON `ferry migrate --json` prints and the
+//! numbers benchmarks record.
+
+use serde::Serialize;
+
+/// Pages sent, by how they travelled.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PagesByKind {
+    pub zero: u64,
+    pub raw: u64,
+    pub lz4: u64,
+    pub zstd: u64,
+    /// Gone by the time they were read (unmapped).
+    pub absent: u64,
+    /// Sent again because the job wrote them after an earlier send.
+    pub resent: u64,
+    pub total: u64,
+}
+
+/// One pre-copy round.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    /// 0 is the full first pass; the last round is the stop-and-copy.
+    pub round: u32,
+    /// Pages found written at the end of the round (sent by the next one).
+    pub dirty_pages: u64,
+    pub pages_sent: u64,
+    pub bytes_sent: u64,
+    pub duration_ms: f64,
+    /// Bytes per second while sending.
+    pub bandwidth: f64,
+    pub estimated_downtime_ms: f64,
+    /// Whether the job was frozen (the stop-and-copy round).
+    pub frozen: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationReport {
+    /// The job's pid on the source.
+    pub pid: i32,
+    pub target: String,
+    /// The job's root pid on the target, as the target host sees it.
+    pub target_pid: i32,
+    pub processes: usize,
+    pub threads: usize,
+    pub controller: String,
+    /// The memory-update pattern that ended the live phase ("a", "b", "c").
+    pub pattern: Option<String>,
+    pub stop_reason: String,
+    /// Freeze on the source → the job runs on the target (measured).
+    pub downtime_ms: f64,
+    pub total_ms: f64,
+    /// Of the downtime: the target's restore.
+    pub restore_ms: f64,
+    pub live_ms: f64,
+    /// Bytes on the wire (frames, all connections).
+    pub bytes_sent: u64,
+    /// Bytes of memory those pages hold (4 KiB each, zero pages included).
+    pub memory_bytes: u64,
+    pub pages: PagesByKind,
+    pub rounds: Vec<RoundReport>,
+    pub compression: String,
+    pub streams: u16,
+    pub tracker: String,
+}

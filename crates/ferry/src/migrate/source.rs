@@ -1,0 +1,774 @@
+//! The source side of a live migration (`ferry migrate`): connect and
+//! authenticate, track the job's writes, copy its memory round after round
+//! while it runs until the convergence controller says stop, then freeze it,
+//! send the last pages and every other piece of state, and let the target
+//! restore it. The job is killed only once the target says it runs; any
+//! failure before that leaves it running here exactly as before.
+
+use super::controller::{Controller, Decision, RoundStats, StopReason};
+use super::report::{MigrationReport, PagesByKind, RoundReport};
+use super::sender::{expand, split_by_stream, Cmd, Conn, PageSender, Stream};
+use super::MigrateError;
+use crate::checkpoint::{self, memory as ckmem, FrozenTree};
+use crate::image::ImageDir;
+use crate::proc::{self, Pagemap, PagemapEntry};
+use crate::track::{self, DirtyRange, Tracker};
+use crate::wire::{
+    self, AuthToken, Compression, Features, FrameReader, FrameWriter, Message, MigrationStart,
+    Outcome, RateLimiter, SourceSession, Throttled, WireStats,
+};
+use std::collections::HashSet;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+const PAGE: u64 = crate::sys::PAGE_SIZE as u64;
+
+/// How to migrate.
+pub struct Options {
+    /// The target agent, ADDR:PORT.
+    pub to: String,
+    pub token: AuthToken,
+    pub controller: Box<dyn Controller>,
+    pub compression: Compression,
+    /// Extra page connections (0: pages on the main connection).
+    pub streams: u16,
+    /// Bytes per second over all connections.
+    pub max_bandwidth: Option<u64>,
+    /// `auto`, `uffd-wp`, `soft-dirty` or `hash`.
+    pub tracker: String,
+    /// How long to wait for a connection or a reply.
+    pub timeout: Duration,
+}
+
+/// A progress sample, for the line on stderr.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub round: u32,
+    pub dirty_pages: u64,
+    pub pages_sent: u64,
+    pub bandwidth: f64,
+    pub estimated_downtime: Duration,
+    pub phase: &'static str,
+}
+
+/// A tracked process of the job.
+struct Tracked {
+    pid: i32,
+    vpid: i32,
+    tracker: Box<dyn Tracker>,
+    /// Pages to send next (sorted).
+    pending: Vec<u64>,
+}
+
+/// The connections of a session.
+struct Links {
+    r: FrameReader<TcpStream>,
+    main: PageSender,
+    streams: Vec<Stream>,
+    n: u16,
+}
+
+impl Links {
+    /// Sends `pages` of one process in `round` on their connections.
+    fn send(
+        &mut self,
+        pid: i32,
+        vpid: i32,
+        round: u32,
+        pages: &[u64],
+        split: &mut [Vec<u64>],
+    ) -> Result<(), MigrateError> {
+        if self.n == 0 {
+            return self.main.send(pid, vpid, round, pages);
+        }
+        split_by_stream(vpid, pages, self.n, split);
+        for (i, part) in split.iter_mut().enumerate().skip(1) {
+            if part.is_empty() {
+                continue;
+            }
+            let cmd = Cmd::Pages {
+                pid,
+                vpid,
+                round,
+                pages: std::mem::take(part),
+            };
+            self.streams[i - 1]
+                .tx
+                .send(cmd)
+                .map_err(|_| MigrateError::Internal(format!("page stream {i} is gone")))?;
+        }
+        Ok(())
+    }
+
+    /// Completes a round on every connection; returns the cumulative
+    /// batch counts (main first).
+    fn end_round(&mut self) -> Result<Vec<u64>, MigrateError> {
+        let mut counts = vec![self.main.end_round()?];
+        let mut replies = Vec::new();
+        for s in &self.streams {
+            let (tx, rx) = mpsc::channel();
+            s.tx.send(Cmd::EndRound(tx))
+                .map_err(|_| MigrateError::Internal("page stream gone".into()))?;
+            replies.push(rx);
+        }
+        for rx in replies {
+            let n = rx
+                .recv()
+                .map_err(|_| MigrateError::Internal("page stream gone".into()))?
+                .map_err(MigrateError::Stream)?;
+            counts.push(n);
+        }
+        Ok(counts)
+    }
+
+    fn send_msg(&mut self, m: &Message) -> Result<(), MigrateError> {
+        self.main.w.send(m)?;
+        self.main.w.flush()?;
+        Ok(())
+    }
+
+    /// Closes the streams and sums every connection's statistics.
+    fn finish(mut self) -> (WireStats, u64) {
+        let mut stats = *self.main.stats();
+        let mut bytes = self.main.w.counters().1;
+        for s in &mut self.streams {
+            let (tx, _) = mpsc::channel::<Cmd>();
+            drop(std::mem::replace(&mut s.tx, tx));
+            if let Some(h) = s.handle.take() {
+                if let Ok(st) = h.join() {
+                    bytes += st.payload_bytes() + st.batches * wire::frame::HEADER_LEN as u64;
+                    stats += &st;
+                }
+            }
+        }
+        (stats, bytes)
+    }
+}
+
+fn connect(addr: &SocketAddr, timeout: Duration) -> Result<TcpStream, MigrateError> {
+    let s = TcpStream::connect_timeout(addr, timeout).map_err(|source| MigrateError::Connect {
+        addr: addr.to_string(),
+        source,
+    })?;
+    let _ = s.set_nodelay(true);
+    // A dead peer or link must end the migration, not hang it.
+    let _ = s.set_write_timeout(Some(timeout));
+    let _ = s.set_read_timeout(Some(timeout));
+    Ok(s)
+}
+
+fn writer(s: TcpStream, limiter: &Option<Arc<RateLimiter>>) -> Conn {
+    let w: Box<dyn Write + Send> = match limiter {
+        Some(l) => Box::new(Throttled::new(s, l.clone())),
+        None => Box::new(s),
+    };
+    FrameWriter::new(w)
+}
+
+/// Pages of a process that hold data only the process has, chosen from
+/// pagemap as a checkpoint does (private file pages only once written).
+fn wanted_pages(pid: i32, maps: &[proc::MapEntry], out: &mut Vec<u64>) -> Result<(), MigrateError> {
+    let mut pm = Pagemap::open(pid)?;
+    let mut entries = Vec::new();
+    for m in maps {
+        let kind = ckmem::kind_of(m);
+        let n = ((m.end - m.start) / PAGE) as usize;
+        if matches!(kind, crate::image::VmaKind::Vsyscall) {
+            continue;
+        }
+        pm.read(m.start, n, &mut entries)?;
+        for (i, &e) in entries.iter().enumerate() {
+            if ckmem::wanted(&kind, m.perms.shared, PagemapEntry(e)) {
+                out.push(m.start + i as u64 * PAGE);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Pages that must not be sent: those of shared file mappings, whose
+/// contents live in the (shared) file.
+fn drop_unsendable(pid: i32, pages: &mut Vec<u64>) {
+    let Ok(maps) = proc::read_maps(pid) else {
+        return;
+    };
+    let skip: Vec<(u64, u64)> = maps
+        .iter()
+        .filter(|m| {
+            m.perms.shared && !m.is_shmem() && m.path.as_deref().is_some_and(|p| p.starts_with('/'))
+        })
+        .map(|m| (m.start, m.end))
+        .collect();
+    if !skip.is_empty() {
+        pages.retain(|a| !skip.iter().any(|&(s, e)| *a >= s && *a < e));
+    }
+}
+
+/// Migrates the job rooted at `pid`. `cancel` (set by Ctrl-C) aborts it.
+pub fn migrate(
+    pid: i32,
+    mut opts: Options,
+    cancel: Arc<AtomicBool>,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<MigrationReport, MigrateError> {
+    let t0 = Instant::now();
+    let mut controller = std::mem::replace(&mut opts.controller, Box::new(NoController));
+    let addr = opts
+        .to
+        .to_socket_addrs()
+        .map_err(|source| MigrateError::Connect {
+            addr: opts.to.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| MigrateError::Refused(format!("{} resolves to no address", opts.to)))?;
+    let limiter = opts.max_bandwidth.map(|b| Arc::new(RateLimiter::new(b)));
+    let main = connect(&addr, opts.timeout)?;
+    let mut r = FrameReader::new(main.try_clone().map_err(|e| MigrateError::Io {
+        what: "socket".into(),
+        source: e,
+    })?);
+    let mut w = writer(main, &limiter);
+    let session =
+        SourceSession::handshake(&mut r, &mut w, &opts.token, Features::ours(opts.streams))?;
+    let n = opts.streams.min(session.negotiated.max_streams);
+    let work = tempdir()?;
+    let result = run(
+        pid,
+        &opts,
+        &mut *controller,
+        n,
+        &session,
+        r,
+        w,
+        &limiter,
+        &work,
+        cancel,
+        progress,
+        t0,
+        addr,
+    );
+    let _ = std::fs::remove_dir_all(&work.dir);
+    result
+}
+
+fn tempdir() -> Result<ImageDir, MigrateError> {
+    let dir = std::env::temp_dir().join(format!(
+        "ferry-migrate-{}-{}",
+        crate::sys::getpid(),
+        rand_suffix()
+    ));
+    Ok(ImageDir::new(&dir, true)?)
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    pid: i32,
+    opts: &Options,
+    controller: &mut dyn Controller,
+    n: u16,
+    session: &SourceSession,
+    r: FrameReader<TcpStream>,
+    w: Conn,
+    limiter: &Option<Arc<RateLimiter>>,
+    work: &ImageDir,
+    cancel: Arc<AtomicBool>,
+    progress: &mut dyn FnMut(&Progress),
+    t0: Instant,
+    addr: SocketAddr,
+) -> Result<MigrationReport, MigrateError> {
+    // Setup, with the tree frozen for a moment: the full state is captured
+    // once to refuse what cannot be migrated before any memory moves, the
+    // first pass's pages are chosen from pagemap, and write tracking is
+    // armed (uffd-wp markers would look like swapped pages in pagemap).
+    let tree = FrozenTree::freeze(pid)?;
+    let setup = (|| -> Result<(Vec<Tracked>, crate::image::MachineInfo, u32), MigrateError> {
+        let (inv, maps_of) = checkpoint::capture_state(&tree, work)?;
+        let mut tracked = Vec::new();
+        for (task, maps) in tree.tasks.iter().zip(&maps_of) {
+            let Some(maps) = maps else { continue };
+            let mut pending = Vec::new();
+            wanted_pages(task.pid, maps, &mut pending)?;
+            let mut tracker = track::by_name(&opts.tracker, task.pid, task.pid)?;
+            let areas = track::read_areas(task.pid)?;
+            tracker.start(&areas)?;
+            let mut first = Vec::new();
+            tracker.harvest(&areas, &mut first)?;
+            tracked.push(Tracked {
+                pid: task.pid,
+                vpid: tree.vpid_of(task.pid),
+                tracker,
+                pending,
+            });
+        }
+        Ok((tracked, inv.machine, inv.processes.len() as u32))
+    })();
+    let (mut tracked, machine, processes) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            tree.thaw()?;
+            return Err(e);
+        }
+    };
+    tree.thaw()?;
+    let guard = TrackGuard(&mut tracked);
+    let out = live(
+        pid, opts, controller, n, session, r, w, limiter, work, cancel, progress, t0, addr,
+        guard.0, machine, processes,
+    );
+    drop(guard);
+    out
+}
+
+/// Stops every tracker however the migration ends.
+struct TrackGuard<'a>(&'a mut Vec<Tracked>);
+
+impl Drop for TrackGuard<'_> {
+    fn drop(&mut self) {
+        for t in self.0.iter_mut() {
+            if let Err(e) = t.tracker.stop() {
+                tracing::warn!(pid = t.pid, "stopping the write tracker: {e}");
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn live(
+    pid: i32,
+    opts: &Options,
+    controller: &mut dyn Controller,
+    n: u16,
+    session: &SourceSession,
+    mut r: FrameReader<TcpStream>,
+    mut w: Conn,
+    limiter: &Option<Arc<RateLimiter>>,
+    work: &ImageDir,
+    cancel: Arc<AtomicBool>,
+    progress: &mut dyn FnMut(&Progress),
+    t0: Instant,
+    addr: SocketAddr,
+    tracked: &mut [Tracked],
+    machine: crate::image::MachineInfo,
+    processes: u32,
+) -> Result<MigrationReport, MigrateError> {
+    let total_pages: u64 = tracked.iter().map(|t| t.pending.len() as u64).sum();
+    let start = MigrationStart {
+        job: format!("pid {pid}"),
+        description: proc::read_comm(pid).unwrap_or_default(),
+        mode: wire::MigrationMode::PreCopy,
+        compression: opts.compression,
+        streams: n,
+        total_pages,
+        processes,
+        machine,
+    };
+    session.start(&mut r, &mut w, &start)?;
+    let mut streams = Vec::new();
+    for i in 1..=n {
+        let s = connect(&addr, opts.timeout)?;
+        let mut sr = FrameReader::new(s.try_clone().map_err(|e| MigrateError::Io {
+            what: "socket".into(),
+            source: e,
+        })?);
+        let mut sw = writer(s, limiter);
+        session.join_stream(&mut sr, &mut sw, i)?;
+        streams.push(Stream::spawn(
+            PageSender::new(sw, opts.compression, cancel.clone())?,
+            i,
+        ));
+    }
+    let mut links = Links {
+        r,
+        main: PageSender::new(w, opts.compression, cancel.clone())?,
+        streams,
+        n,
+    };
+    let outcome = precopy(
+        pid,
+        opts,
+        controller,
+        &mut links,
+        work,
+        &cancel,
+        progress,
+        t0,
+        tracked,
+        total_pages,
+    );
+    match outcome {
+        Ok(mut rep) => {
+            let (stats, bytes) = links.finish();
+            rep.bytes_sent = bytes;
+            rep.memory_bytes = stats.pages() * PAGE;
+            rep.pages.zero = stats.zero_pages;
+            rep.pages.raw = stats.raw_pages;
+            rep.pages.lz4 = stats.lz4_pages;
+            rep.pages.zstd = stats.zstd_pages;
+            rep.pages.absent = stats.absent_pages;
+            rep.pages.total = stats.pages();
+            rep.target = addr.to_string();
+            rep.streams = n;
+            Ok(rep)
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            let _ = links.send_msg(&Message::Abort { reason });
+            let _ = links.finish();
+            Err(e)
+        }
+    }
+}
+
+fn wait_interval(
+    since: Instant,
+    iv: Option<Duration>,
+    cancel: &AtomicBool,
+) -> Result<(), MigrateError> {
+    let Some(iv) = iv else { return Ok(()) };
+    while since.elapsed() < iv {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(MigrateError::Cancelled);
+        }
+        std::thread::sleep((iv - since.elapsed()).min(Duration::from_millis(20)));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn precopy(
+    pid: i32,
+    opts: &Options,
+    controller: &mut dyn Controller,
+    links: &mut Links,
+    work: &ImageDir,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+    t0: Instant,
+    tracked: &mut [Tracked],
+    total_pages: u64,
+) -> Result<MigrationReport, MigrateError> {
+    let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
+    let mut rounds: Vec<RoundReport> = Vec::new();
+    let mut prev: HashSet<(i32, u64)> = HashSet::new();
+    let mut resent_total = 0u64;
+    let mut wire_round: u32 = 1;
+    let mut ranges: Vec<DirtyRange> = Vec::new();
+    let mut stop: Option<StopReason> = None;
+    if !controller.live_phase() {
+        stop = Some(StopReason::Manual);
+    }
+    let mut round: u32 = 0;
+    // Live rounds: send what is pending, harvest, ask the controller.
+    while stop.is_none() {
+        let round_start = Instant::now();
+        let mut sent_now: HashSet<(i32, u64)> = HashSet::new();
+        let mut pages_sent = 0u64;
+        let mut resent = 0u64;
+        let bytes_before = links.main.w.counters().1;
+        let send_t = Instant::now();
+        for t in tracked.iter_mut() {
+            let pages = std::mem::take(&mut t.pending);
+            for &a in &pages {
+                if prev.contains(&(t.vpid, a)) {
+                    resent += 1;
+                }
+                sent_now.insert((t.vpid, a));
+            }
+            pages_sent += pages.len() as u64;
+            links.send(t.pid, t.vpid, wire_round, &pages, &mut split)?;
+        }
+        let batches = links.end_round()?;
+        let send_time = send_t.elapsed();
+        // Stream threads' bytes are not in the main counter: estimate the
+        // round's bytes from the pages when streams carry them.
+        let bytes = if links.n == 0 {
+            links.main.w.counters().1 - bytes_before
+        } else {
+            pages_sent * PAGE
+        };
+        wait_interval(
+            round_start,
+            controller.interval().filter(|_| round > 0),
+            cancel,
+        )?;
+        // Harvest: what the job wrote since these pages were read.
+        let mut dirty = 0u64;
+        for t in tracked.iter_mut() {
+            let areas = track::read_areas(t.pid)?;
+            t.tracker.harvest(&areas, &mut ranges)?;
+            expand(&ranges, &mut t.pending);
+            drop_unsendable(t.pid, &mut t.pending);
+            dirty += t.pending.len() as u64;
+        }
+        let duration = round_start.elapsed();
+        let bandwidth = bytes as f64 / send_time.as_secs_f64().max(1e-6);
+        let stats = RoundStats {
+            round,
+            duration,
+            pages_sent,
+            bytes_sent: bytes,
+            dirty_pages: dirty,
+            resent_pages: resent,
+            total_pages,
+            bandwidth,
+        };
+        let est = controller.estimated_downtime(&stats);
+        links.send_msg(&Message::RoundEnd(wire::messages::RoundEnd {
+            round: wire_round,
+            pages_sent,
+            dirty_count: dirty,
+            last: false,
+            batches,
+        }))?;
+        resent_total += resent;
+        rounds.push(RoundReport {
+            round,
+            dirty_pages: dirty,
+            pages_sent,
+            bytes_sent: bytes,
+            duration_ms: duration.as_secs_f64() * 1e3,
+            bandwidth,
+            estimated_downtime_ms: est.as_secs_f64() * 1e3,
+            frozen: false,
+        });
+        progress(&Progress {
+            round,
+            dirty_pages: dirty,
+            pages_sent,
+            bandwidth,
+            estimated_downtime: est,
+            phase: "live",
+        });
+        if cancel.load(Ordering::Relaxed) {
+            return Err(MigrateError::Cancelled);
+        }
+        if let Decision::StopAndCopy { reason } = controller.decide(&stats) {
+            stop = Some(reason);
+        }
+        prev = sent_now;
+        round += 1;
+        wire_round += 1;
+    }
+    let live_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // Stop and copy.
+    let t_freeze = Instant::now();
+    let tree = FrozenTree::freeze(pid)?;
+    let res = stop_and_copy(
+        &tree,
+        links,
+        work,
+        tracked,
+        &mut rounds,
+        round,
+        wire_round,
+        &prev,
+        &mut resent_total,
+        t_freeze,
+    );
+    let (target_pid, restore_ms) = match res {
+        Ok(x) => x,
+        Err(e) => {
+            tree.thaw()?;
+            return Err(e);
+        }
+    };
+    let downtime = t_freeze.elapsed();
+    tree.kill()?;
+    let reason = stop.unwrap_or(StopReason::Manual);
+    let processes = tracked.len();
+    Ok(MigrationReport {
+        pid,
+        target: String::new(),
+        target_pid,
+        processes,
+        threads: 0,
+        controller: controller.name(),
+        pattern: reason.pattern().map(str::to_string),
+        stop_reason: reason.describe().to_string(),
+        downtime_ms: downtime.as_secs_f64() * 1e3,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        restore_ms,
+        live_ms,
+        bytes_sent: 0,
+        memory_bytes: 0,
+        pages: PagesByKind {
+            resent: resent_total,
+            ..Default::default()
+        },
+        rounds,
+        compression: opts.compression.to_string(),
+        streams: 0,
+        tracker: tracked
+            .first()
+            .map_or("none", |t| t.tracker.name())
+            .to_string(),
+    })
+}
+
+/// Placeholder left in the options once the real controller is taken out.
+struct NoController;
+
+impl Controller for NoController {
+    fn name(&self) -> String {
+        "stop-copy".into()
+    }
+    fn live_phase(&self) -> bool {
+        false
+    }
+    fn interval(&self) -> Option<Duration> {
+        None
+    }
+    fn decide(&mut self, _: &RoundStats) -> Decision {
+        Decision::StopAndCopy {
+            reason: StopReason::Manual,
+        }
+    }
+}
+
+/// With the tree frozen: last pages, full state, commit; returns the
+/// target's pid of the restored root and its restore time.
+#[allow(clippy::too_many_arguments)]
+fn stop_and_copy(
+    tree: &FrozenTree,
+    links: &mut Links,
+    work: &ImageDir,
+    tracked: &mut [Tracked],
+    rounds: &mut Vec<RoundReport>,
+    round: u32,
+    wire_round: u32,
+    prev: &HashSet<(i32, u64)>,
+    resent_total: &mut u64,
+    t_freeze: Instant,
+) -> Result<(i32, f64), MigrateError> {
+    let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
+    let mut ranges = Vec::new();
+    let mut pages_sent = 0u64;
+    // Last harvest, then tracking off: restore must not see uffd state.
+    for t in tracked.iter_mut() {
+        let areas = track::read_areas(t.pid)?;
+        t.tracker.harvest(&areas, &mut ranges)?;
+        expand(&ranges, &mut t.pending);
+        t.pending.sort_unstable();
+        t.pending.dedup();
+        drop_unsendable(t.pid, &mut t.pending);
+        t.tracker.stop()?;
+    }
+    for t in tracked.iter_mut() {
+        let pages = std::mem::take(&mut t.pending);
+        *resent_total += pages
+            .iter()
+            .filter(|&&a| prev.contains(&(t.vpid, a)))
+            .count() as u64;
+        pages_sent += pages.len() as u64;
+        links.send(t.pid, t.vpid, wire_round, &pages, &mut split)?;
+    }
+    // Processes born during the live phase were never tracked: all of it.
+    for task in &tree.tasks {
+        if task.frozen.is_none() || tracked.iter().any(|t| t.pid == task.pid) {
+            continue;
+        }
+        let maps = proc::read_smaps(task.pid)?;
+        let mut pages = Vec::new();
+        wanted_pages(task.pid, &maps, &mut pages)?;
+        pages_sent += pages.len() as u64;
+        links.send(
+            task.pid,
+            tree.vpid_of(task.pid),
+            wire_round,
+            &pages,
+            &mut split,
+        )?;
+    }
+    let (mut inv, maps_of) = checkpoint::capture_state(tree, work)?;
+    for (task, (p, maps)) in tree
+        .tasks
+        .iter()
+        .zip(inv.processes.iter_mut().zip(&maps_of))
+    {
+        if let Some(maps) = maps {
+            p.vmas = ckmem::layout(task.pid, maps)?;
+        }
+    }
+    let batches = links.end_round()?;
+    let t = t_freeze.elapsed();
+    links.send_msg(&Message::RoundEnd(wire::messages::RoundEnd {
+        round: wire_round,
+        pages_sent,
+        dirty_count: 0,
+        last: true,
+        batches,
+    }))?;
+    rounds.push(RoundReport {
+        round,
+        dirty_pages: 0,
+        pages_sent,
+        bytes_sent: pages_sent * PAGE,
+        duration_ms: t.as_secs_f64() * 1e3,
+        bandwidth: 0.0,
+        estimated_downtime_ms: 0.0,
+        frozen: true,
+    });
+    let blobs: Vec<Vec<u8>> = inv
+        .blobs
+        .iter()
+        .map(|b| work.read_blob(b))
+        .collect::<Result<_, _>>()?;
+    links.send_msg(&Message::FinalState(Box::new(inv)))?;
+    for (i, data) in blobs.iter().enumerate() {
+        let mut off = 0usize;
+        loop {
+            let end = (off + wire::messages::BLOB_CHUNK).min(data.len());
+            links.send_msg(&Message::Blob(wire::messages::BlobChunk {
+                index: i as u32,
+                offset: off as u64,
+                data: data[off..end].to_vec(),
+            }))?;
+            off = end;
+            if off >= data.len() {
+                break;
+            }
+        }
+    }
+    links.send_msg(&Message::Commit)?;
+    // The target answers once the tree runs there; restores of large jobs
+    // take a while, so wait patiently (link loss still ends the wait).
+    let _ = links
+        .r
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(600)));
+    match await_outcome(links)? {
+        Outcome::Restored(x) => Ok((x.pid, x.restore_ms as f64)),
+        Outcome::Failed(reason) => Err(MigrateError::Refused(format!(
+            "the target could not restore the job: {reason}"
+        ))),
+    }
+}
+
+fn await_outcome(links: &mut Links) -> Result<Outcome, MigrateError> {
+    loop {
+        match wire::source::read_message(&mut links.r, true)? {
+            Message::Restored(x) => return Ok(Outcome::Restored(x)),
+            Message::RestoreFailed { reason }
+            | Message::Abort { reason }
+            | Message::Error { message: reason } => return Ok(Outcome::Failed(reason)),
+            Message::Ping { seq } => links.send_msg(&Message::Pong { seq })?,
+            m => {
+                return Err(MigrateError::Refused(format!(
+                    "unexpected {} from the target",
+                    m.frame_type()
+                )))
+            }
+        }
+    }
+}
