@@ -701,3 +701,6 @@ pub fn truncate(path: &Path, len: u64) {
         .set_len(len)
         .unwrap();
 }
+
+pub mod netns;
+pub mod procs;

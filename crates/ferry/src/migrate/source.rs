@@ -576,7 +576,7 @@ fn precopy(
         &mut resent_total,
         t_freeze,
     );
-    let (target_pid, restore_ms) = match res {
+    let (target_pid, restore_ms, threads, processes) = match res {
         Ok(x) => x,
         Err(e) => {
             tree.thaw()?;
@@ -586,13 +586,12 @@ fn precopy(
     let downtime = t_freeze.elapsed();
     tree.kill()?;
     let reason = stop.unwrap_or(StopReason::Manual);
-    let processes = tracked.len();
     Ok(MigrationReport {
         pid,
         target: String::new(),
         target_pid,
         processes,
-        threads: 0,
+        threads,
         controller: controller.name(),
         pattern: reason.pattern().map(str::to_string),
         stop_reason: reason.describe().to_string(),
@@ -650,7 +649,7 @@ fn stop_and_copy(
     prev: &HashSet<(i32, u64)>,
     resent_total: &mut u64,
     t_freeze: Instant,
-) -> Result<(i32, f64), MigrateError> {
+) -> Result<(i32, f64, usize, usize), MigrateError> {
     let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
     let mut ranges = Vec::new();
     let mut pages_sent = 0u64;
@@ -691,6 +690,8 @@ fn stop_and_copy(
         )?;
     }
     let (mut inv, maps_of) = checkpoint::capture_state(tree, work)?;
+    let threads = inv.processes.iter().map(|p| p.threads.len()).sum();
+    let processes = inv.processes.len();
     for (task, (p, maps)) in tree
         .tasks
         .iter()
@@ -748,7 +749,7 @@ fn stop_and_copy(
         .get_ref()
         .set_read_timeout(Some(Duration::from_secs(600)));
     match await_outcome(links)? {
-        Outcome::Restored(x) => Ok((x.pid, x.restore_ms as f64)),
+        Outcome::Restored(x) => Ok((x.pid, x.restore_ms as f64, threads, processes)),
         Outcome::Failed(reason) => Err(MigrateError::Refused(format!(
             "the target could not restore the job: {reason}"
         ))),
