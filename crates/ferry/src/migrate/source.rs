@@ -69,6 +69,8 @@ struct Links {
     main: PageSender,
     streams: Vec<Stream>,
     n: u16,
+    /// Every page stream's socket, to cut them short on failure.
+    socks: Vec<TcpStream>,
 }
 
 impl Links {
@@ -187,6 +189,18 @@ fn wanted_pages(pid: i32, maps: &[proc::MapEntry], out: &mut Vec<u64>) -> Result
         }
     }
     Ok(())
+}
+
+/// Present pages of the shared-memory areas (memfd, shared anonymous) of a
+/// process. Another process's writes to such memory show in its own page
+/// tables only, so each process's tracked copy can be stale: the frozen
+/// round resends them all, making every copy final.
+fn shmem_pages(pid: i32, out: &mut Vec<u64>) -> Result<(), MigrateError> {
+    let maps: Vec<proc::MapEntry> = proc::read_maps(pid)?
+        .into_iter()
+        .filter(|m| m.is_shmem())
+        .collect();
+    wanted_pages(pid, &maps, out)
 }
 
 /// Pages that must not be sent: those of shared file mappings, whose
@@ -375,9 +389,14 @@ fn live(
     };
     session.start(&mut r, &mut w, &start)?;
     let mut streams = Vec::new();
+    let mut socks = Vec::new();
     for i in 1..=n {
         let s = connect(&addr, opts.timeout)?;
         let mut sr = FrameReader::new(s.try_clone().map_err(|e| MigrateError::Io {
+            what: "socket".into(),
+            source: e,
+        })?);
+        socks.push(s.try_clone().map_err(|e| MigrateError::Io {
             what: "socket".into(),
             source: e,
         })?);
@@ -393,6 +412,7 @@ fn live(
         main: PageSender::new(w, opts.compression, cancel.clone())?,
         streams,
         n,
+        socks,
     };
     let outcome = precopy(
         pid,
@@ -422,8 +442,18 @@ fn live(
             Ok(rep)
         }
         Err(e) => {
+            // Blocked writers (a dead link) must not hold the job's release
+            // up: streams are cut, the Abort gets a short chance.
+            for s in &links.socks {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            let _ = links
+                .r
+                .get_ref()
+                .set_write_timeout(Some(Duration::from_secs(2)));
             let reason = e.to_string();
             let _ = links.send_msg(&Message::Abort { reason });
+            let _ = links.r.get_ref().shutdown(std::net::Shutdown::Both);
             let _ = links.finish();
             Err(e)
         }
@@ -658,10 +688,12 @@ fn stop_and_copy(
         let areas = track::read_areas(t.pid)?;
         t.tracker.harvest(&areas, &mut ranges)?;
         expand(&ranges, &mut t.pending);
+        t.tracker.stop()?;
+        // After stop: tracking markers no longer look like swapped pages.
+        shmem_pages(t.pid, &mut t.pending)?;
         t.pending.sort_unstable();
         t.pending.dedup();
         drop_unsendable(t.pid, &mut t.pending);
-        t.tracker.stop()?;
     }
     for t in tracked.iter_mut() {
         let pages = std::mem::take(&mut t.pending);

@@ -88,7 +88,7 @@ fn queue_signal(st: &mut Stub, tid: Option<i32>, info: &[u8]) -> Result<(), Rest
         None => st.call(
             "rt_sigqueueinfo",
             libc::SYS_rt_sigqueueinfo,
-            &[st.pid as u64, sig, a],
+            &[st.vpid as u64, sig, a],
         )?,
         Some(t) => st.call(
             "rt_tgsigqueueinfo",
