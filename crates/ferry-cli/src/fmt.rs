@@ -112,8 +112,8 @@ controller {}, stopped by {}{}\n",
         r.pattern.as_deref().map(|p| format!(" (pattern {p})")).unwrap_or_default()
     );
     s.push_str(&format!(
-        "pages: {} zero, {} raw, {} lz4, {} zstd, {} absent, {} resent\n",
-        r.pages.zero, r.pages.raw, r.pages.lz4, r.pages.zstd, r.pages.absent, r.pages.resent
+        "pages: {} zero, {} raw, {} lz4, {} zstd, {} absent, {} resent; {} not present (never sent)\n",
+        r.pages.zero, r.pages.raw, r.pages.lz4, r.pages.zstd, r.pages.absent, r.pages.resent, r.pages.not_present
     ));
     s.push_str("round  dirty pages  pages sent    duration ms  bandwidth\n");
     for x in &r.rounds {

@@ -12,6 +12,10 @@ pub struct PagesByKind {
     pub zstd: u64,
     /// Gone by the time they were read (unmapped).
     pub absent: u64,
+    /// Pages of the job's writable anonymous and shared memory that held
+    /// nothing when the migration started (never touched, or given back to
+    /// the kernel, e.g. by ferry's freed-memory library): never sent.
+    pub not_present: u64,
     /// Sent again because the job wrote them after an earlier send.
     pub resent: u64,
     pub total: u64,

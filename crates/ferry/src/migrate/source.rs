@@ -61,6 +61,8 @@ struct Tracked {
     tracker: Box<dyn Tracker>,
     /// Pages to send next (sorted).
     pending: Vec<u64>,
+    /// Writable anonymous/shared pages with no data at the start.
+    not_present: u64,
 }
 
 /// The connections of a session.
@@ -191,6 +193,24 @@ fn wanted_pages(pid: i32, maps: &[proc::MapEntry], out: &mut Vec<u64>) -> Result
     Ok(())
 }
 
+/// Pages of writable anonymous and shared areas that hold nothing.
+fn count_not_present(maps: &[proc::MapEntry], wanted: &[u64]) -> u64 {
+    let mut n = 0;
+    for m in maps {
+        let anon = matches!(
+            ckmem::kind_of(m),
+            crate::image::VmaKind::Anon { .. } | crate::image::VmaKind::Shmem { .. }
+        );
+        if !anon || !m.perms.write {
+            continue;
+        }
+        let lo = wanted.partition_point(|&a| a < m.start);
+        let hi = wanted.partition_point(|&a| a < m.end);
+        n += (m.end - m.start) / PAGE - (hi - lo) as u64;
+    }
+    n
+}
+
 /// Present pages of the shared-memory areas (memfd, shared anonymous) of a
 /// process. Another process's writes to such memory show in its own page
 /// tables only, so each process's tracked copy can be stale: the frozen
@@ -313,6 +333,7 @@ fn run(
             let Some(maps) = maps else { continue };
             let mut pending = Vec::new();
             wanted_pages(task.pid, maps, &mut pending)?;
+            let not_present = count_not_present(maps, &pending);
             let mut tracker = track::by_name(&opts.tracker, task.pid, task.pid)?;
             let areas = track::read_areas(task.pid)?;
             tracker.start(&areas)?;
@@ -323,6 +344,7 @@ fn run(
                 vpid: tree.vpid_of(task.pid),
                 tracker,
                 pending,
+                not_present,
             });
         }
         Ok((tracked, inv.machine, inv.processes.len() as u32))
@@ -633,6 +655,7 @@ fn precopy(
         memory_bytes: 0,
         pages: PagesByKind {
             resent: resent_total,
+            not_present: tracked.iter().map(|t| t.not_present).sum(),
             ..Default::default()
         },
         rounds,
