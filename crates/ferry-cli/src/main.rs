@@ -114,6 +114,12 @@ pipes to processes outside the job)."
         /// Append the job's stdout and stderr to FILE (stdin: /dev/null).
         #[arg(long, value_name = "FILE")]
         log: Option<PathBuf>,
+        /// Run the job with ferry's freed-memory library (LD_PRELOAD): memory
+        /// it frees is zeroed (`zero`) or given back to the kernel
+        /// (`release`, the default), so migrations do not copy stale data.
+        #[arg(long, value_name = "MODE", num_args = 0..=1, default_missing_value = "release",
+              value_parser = ["zero", "release"])]
+        zero_freed: Option<String>,
         /// The command and its arguments.
         #[arg(
             required = true,
@@ -123,6 +129,16 @@ pipes to processes outside the job)."
         )]
         cmd: Vec<std::ffi::OsString>,
     },
+    /// Print the path of libferry_zero.so, the freed-memory library.
+    #[command(
+        long_about = "Print the path of libferry_zero.so, the LD_PRELOAD library that \
+zeroes (FERRY_ZERO=zero) or releases to the kernel (FERRY_ZERO=release, the default) the \
+memory a job frees, so that live migration sends zero flags instead of stale data. Use it \
+for jobs not started with `ferry run --zero-freed`:\n\n  \
+LD_PRELOAD=$(ferry zero-lib-path) FERRY_ZERO=zero ./job\n\n\
+FERRY_ZERO_MIN sets the smallest freed chunk the library bothers with (bytes)."
+    )]
+    ZeroLibPath,
     /// pid 1 of a job's namespace (internal).
     #[command(name = "__init", hide = true)]
     Init {
@@ -263,6 +279,30 @@ fn one_line(e: &anyhow::Error) -> String {
     out.replace('\n', " ")
 }
 
+/// libferry_zero.so: next to the ferry binary (a cargo build), or in the
+/// usual install locations.
+fn zero_lib_path() -> Result<PathBuf> {
+    const NAME: &str = "libferry_zero.so";
+    let exe = std::env::current_exe().context("cannot find ferry's own path")?;
+    let mut candidates = Vec::new();
+    if let Some(dir) = exe.parent() {
+        candidates.push(dir.join(NAME));
+        candidates.push(dir.join("../lib/ferry").join(NAME));
+    }
+    candidates.push(PathBuf::from("/usr/local/lib/ferry").join(NAME));
+    candidates.push(PathBuf::from("/usr/lib/ferry").join(NAME));
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .map(|p| p.canonicalize().unwrap_or(p))
+        .with_context(|| {
+            format!(
+                "{NAME} not found next to {} (build it: cargo build --release -p ferry-zero)",
+                exe.display()
+            )
+        })
+}
+
 fn exit_code_of(status: std::process::ExitStatus) -> ExitCode {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
@@ -301,8 +341,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Run { detach, log, cmd } => {
+        Cmd::ZeroLibPath => {
+            println!("{}", zero_lib_path()?.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run {
+            detach,
+            log,
+            zero_freed,
+            cmd,
+        } => {
             require_root()?;
+            if let Some(mode) = &zero_freed {
+                // Inherited by init and from it by the job.
+                let lib = zero_lib_path()?;
+                std::env::set_var("LD_PRELOAD", lib);
+                std::env::set_var("FERRY_ZERO", mode);
+            }
             let mut args = vec![std::ffi::OsString::from("--")];
             args.extend(cmd);
             let io = match log {
