@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod cr;
+mod migrate;
 mod report;
 mod tree;
 mod util;
@@ -33,7 +34,8 @@ exit path, including Ctrl-C; all waits are bounded.",
     after_help = "Example:\n  \
 cargo build --release -p ferry-cli -p ferry-bench\n  \
 sudo target/release/ferry-bench cr --sizes 16,1024 --reps 3 --record\n  \
-sudo target/release/ferry-bench tree --reps 3 --record"
+sudo target/release/ferry-bench tree --reps 3 --record\n  \
+sudo target/release/ferry-bench migrate --record"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -48,6 +50,9 @@ enum Cmd {
     /// Cost of extra threads and processes: checkpoint/restore of `fanout` trees.
     #[command(long_about = tree::LONG_ABOUT)]
     Tree(tree::Args),
+    /// Live migration between two network namespaces: downtime, slowdown, patterns.
+    #[command(long_about = migrate::LONG_ABOUT)]
+    Migrate(migrate::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,5 +77,6 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Cr(args) => cr::run(&args),
         Cmd::Tree(args) => tree::run(&args),
+        Cmd::Migrate(args) => migrate::run(&args),
     }
 }

@@ -275,6 +275,17 @@ fn utc_string(secs: u64) -> String {
 /// commit, and where the images were written. `work` is the scratch
 /// directory (inside the images' parent directory).
 pub fn entry_header(title: &str, ferry: &Path, work: &Path) -> String {
+    let storage = format!(
+        "images written to {} ({}); restore reads them back from the page cache",
+        work.parent().unwrap_or(work).display(),
+        fs_type(work)
+    );
+    entry_header_with(title, ferry, work, &storage)
+}
+
+/// [`entry_header`] with another line about where the files went
+/// (`storage`, without the leading "- ").
+pub fn entry_header_with(title: &str, ferry: &Path, work: &Path, storage: &str) -> String {
     let machine = Machine::collect();
     let git = git_describe(work).unwrap_or_else(|| "?".into());
     let mut e = format!("## {} — {title}\n\n", utc_now());
@@ -287,11 +298,7 @@ pub fn entry_header(title: &str, ferry: &Path, work: &Path) -> String {
         file_mtime(ferry),
         ferry_version(ferry, work),
     );
-    e += &format!(
-        "- images written to {} ({}); restore reads them back from the page cache\n",
-        work.parent().unwrap_or(work).display(),
-        fs_type(work)
-    );
+    e += &format!("- {storage}\n");
     e += &format!(
         "- load average (1, 5, 15 min): {} at the start, {} at the end (other work \
          running at the same time makes the numbers vary)\n",
