@@ -155,7 +155,7 @@ impl Workload {
 
     fn describe(&self) -> String {
         format!(
-            "`synth {} {} {} {}`: {} MiB, working set {} MiB written at {} MiB/s ({} pages)",
+            "`synth {} {} {} {}`: {} MiB, working set {} MiB written at {} MiB/s ({})",
             self.mem,
             self.wss,
             self.rate,
@@ -164,7 +164,7 @@ impl Workload {
             self.wss,
             self.rate,
             if self.pattern == "rand" {
-                "random"
+                "random pages"
             } else {
                 "sequential sweeps"
             }

@@ -63,7 +63,7 @@ impl PageSender {
         Ok(())
     }
 
-    /// Sends the pages at `pages` (sorted addresses) of process `pid` (as
+    /// Sends the pages at `pages` (sorted, distinct addresses) of process `pid` (as
     /// ferry sees it), labelled `vpid` (as the image numbers it) and `round`.
     pub fn send(
         &mut self,

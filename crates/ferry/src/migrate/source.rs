@@ -560,6 +560,10 @@ fn precopy(
             let areas = track::read_areas(t.pid)?;
             t.tracker.harvest(&areas, &mut ranges)?;
             expand(&ranges, &mut t.pending);
+            // A batch's addresses must increase; ranges from separate scans
+            // of one area can overlap or come out of order.
+            t.pending.sort_unstable();
+            t.pending.dedup();
             drop_unsendable(t.pid, &mut t.pending);
             dirty += t.pending.len() as u64;
         }
