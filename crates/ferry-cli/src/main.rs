@@ -1,5 +1,6 @@
-//! `ferry`: checkpoint, restore and (soon) live-migrate running Linux
+//! `ferry`: checkpoint, restore and live-migrate running Linux
 //! processes. A thin layer over the `ferry` library: parse, call, report.
+#![deny(unsafe_code)]
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
