@@ -17,7 +17,6 @@ use crate::wire::{
     self, AuthToken, Compression, Features, FrameReader, FrameWriter, Message, MigrationStart,
     Outcome, RateLimiter, SourceSession, Throttled, WireStats,
 };
-use std::collections::HashSet;
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -63,6 +62,8 @@ struct Tracked {
     pending: Vec<u64>,
     /// Writable anonymous/shared pages with no data at the start.
     not_present: u64,
+    /// Pages sent in the previous round (sorted), to count retransmissions.
+    last_sent: Vec<u64>,
 }
 
 /// The connections of a session.
@@ -224,21 +225,30 @@ fn shmem_pages(pid: i32, out: &mut Vec<u64>) -> Result<(), MigrateError> {
 }
 
 /// Pages that must not be sent: those of shared file mappings, whose
-/// contents live in the (shared) file.
-fn drop_unsendable(pid: i32, pages: &mut Vec<u64>) {
-    let Ok(maps) = proc::read_maps(pid) else {
-        return;
-    };
-    let skip: Vec<(u64, u64)> = maps
+/// contents live in the (shared) file. `areas` is what the harvest read.
+fn drop_unsendable(areas: &[track::Area], pages: &mut Vec<u64>) {
+    let skip: Vec<(u64, u64)> = areas
         .iter()
-        .filter(|m| {
-            m.perms.shared && !m.is_shmem() && m.path.as_deref().is_some_and(|p| p.starts_with('/'))
-        })
-        .map(|m| (m.start, m.end))
+        .filter(|a| a.shared && a.kind == track::AreaKind::File)
+        .map(|a| (a.start, a.end))
         .collect();
     if !skip.is_empty() {
         pages.retain(|a| !skip.iter().any(|&(s, e)| *a >= s && *a < e));
     }
+}
+
+/// How many of the sorted `pages` are also in the sorted `before`.
+fn count_common(before: &[u64], pages: &[u64]) -> u64 {
+    let (mut i, mut n) = (0, 0);
+    for &a in pages {
+        while i < before.len() && before[i] < a {
+            i += 1;
+        }
+        if before.get(i) == Some(&a) {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Migrates the job rooted at `pid`. `cancel` (set by Ctrl-C) aborts it.
@@ -345,6 +355,7 @@ fn run(
                 tracker,
                 pending,
                 not_present,
+                last_sent: Vec::new(),
             });
         }
         Ok((tracked, inv.machine, inv.processes.len() as u32))
@@ -512,7 +523,6 @@ fn precopy(
 ) -> Result<MigrationReport, MigrateError> {
     let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
     let mut rounds: Vec<RoundReport> = Vec::new();
-    let mut prev: HashSet<(i32, u64)> = HashSet::new();
     let mut resent_total = 0u64;
     let mut wire_round: u32 = 1;
     let mut ranges: Vec<DirtyRange> = Vec::new();
@@ -524,21 +534,18 @@ fn precopy(
     // Live rounds: send what is pending, harvest, ask the controller.
     while stop.is_none() {
         let round_start = Instant::now();
-        let mut sent_now: HashSet<(i32, u64)> = HashSet::new();
         let mut pages_sent = 0u64;
         let mut resent = 0u64;
         let bytes_before = links.main.w.counters().1;
         let send_t = Instant::now();
         for t in tracked.iter_mut() {
             let pages = std::mem::take(&mut t.pending);
-            for &a in &pages {
-                if prev.contains(&(t.vpid, a)) {
-                    resent += 1;
-                }
-                sent_now.insert((t.vpid, a));
-            }
+            resent += count_common(&t.last_sent, &pages);
             pages_sent += pages.len() as u64;
             links.send(t.pid, t.vpid, wire_round, &pages, &mut split)?;
+            // Keep this round's list; the old one's buffer collects the next.
+            t.pending = std::mem::replace(&mut t.last_sent, pages);
+            t.pending.clear();
         }
         let batches = links.end_round()?;
         let send_time = send_t.elapsed();
@@ -559,12 +566,9 @@ fn precopy(
         for t in tracked.iter_mut() {
             let areas = track::read_areas(t.pid)?;
             t.tracker.harvest(&areas, &mut ranges)?;
+            // Sorted, disjoint ranges (the Tracker contract): sorted pages.
             expand(&ranges, &mut t.pending);
-            // A batch's addresses must increase; ranges from separate scans
-            // of one area can overlap or come out of order.
-            t.pending.sort_unstable();
-            t.pending.dedup();
-            drop_unsendable(t.pid, &mut t.pending);
+            drop_unsendable(&areas, &mut t.pending);
             dirty += t.pending.len() as u64;
         }
         let duration = round_start.elapsed();
@@ -612,7 +616,6 @@ fn precopy(
         if let Decision::StopAndCopy { reason } = controller.decide(&stats) {
             stop = Some(reason);
         }
-        prev = sent_now;
         round += 1;
         wire_round += 1;
     }
@@ -628,7 +631,6 @@ fn precopy(
         &mut rounds,
         round,
         wire_round,
-        &prev,
         &mut resent_total,
         t_freeze,
     );
@@ -703,7 +705,6 @@ fn stop_and_copy(
     rounds: &mut Vec<RoundReport>,
     round: u32,
     wire_round: u32,
-    prev: &HashSet<(i32, u64)>,
     resent_total: &mut u64,
     t_freeze: Instant,
 ) -> Result<(i32, f64, usize, usize), MigrateError> {
@@ -718,16 +719,15 @@ fn stop_and_copy(
         t.tracker.stop()?;
         // After stop: tracking markers no longer look like swapped pages.
         shmem_pages(t.pid, &mut t.pending)?;
+        // Merges three sources: the round the controller stopped before
+        // sending, this harvest, and the shared memory.
         t.pending.sort_unstable();
         t.pending.dedup();
-        drop_unsendable(t.pid, &mut t.pending);
+        drop_unsendable(&areas, &mut t.pending);
     }
     for t in tracked.iter_mut() {
         let pages = std::mem::take(&mut t.pending);
-        *resent_total += pages
-            .iter()
-            .filter(|&&a| prev.contains(&(t.vpid, a)))
-            .count() as u64;
+        *resent_total += count_common(&t.last_sent, &pages);
         pages_sent += pages.len() as u64;
         links.send(t.pid, t.vpid, wire_round, &pages, &mut split)?;
     }
@@ -830,5 +830,20 @@ fn await_outcome(links: &mut Links) -> Result<Outcome, MigrateError> {
                 )))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_common_counts_pages_sent_in_both_rounds() {
+        assert_eq!(count_common(&[], &[1, 2]), 0);
+        assert_eq!(
+            count_common(&[0x1000, 0x3000, 0x5000], &[0x1000, 0x2000, 0x5000, 0x6000]),
+            2
+        );
+        assert_eq!(count_common(&[0x1000, 0x2000], &[0x3000]), 0);
     }
 }

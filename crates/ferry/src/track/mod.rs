@@ -163,11 +163,19 @@ pub(crate) fn push_range(out: &mut Vec<DirtyRange>, start: u64, end: u64) {
     if end <= start {
         return;
     }
-    if let Some(last) = out.last_mut() {
-        if last.end() == start {
-            last.npages += (end - start) / PAGE;
-            return;
+    // Fold in every range already reported that this one touches: when
+    // arming a piece fails part way, the piece is reported whole after some
+    // of its pages were. Output stays sorted and disjoint, as
+    // `Tracker::harvest` promises (page batches need increasing addresses).
+    let (mut start, mut end) = (start, end);
+    while let Some(last) = out.last() {
+        if last.end() < start {
+            break;
         }
+        debug_assert!(last.start <= end, "ranges are reported in address order");
+        start = start.min(last.start);
+        end = end.max(last.end());
+        out.pop();
     }
     out.push(DirtyRange {
         start,
@@ -373,6 +381,30 @@ pub fn by_name(name: &str, pid: i32, tid: i32) -> Result<Box<dyn Tracker>, Track
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn push_range_folds_overlaps_into_one_sorted_range() {
+        let mut v = Vec::new();
+        push_range(&mut v, 0x1000, 0x2000);
+        push_range(&mut v, 0x5000, 0x6000);
+        push_range(&mut v, 0x8000, 0x9000);
+        // A piece reported whole after some of its pages.
+        push_range(&mut v, 0x4000, 0xa000);
+        push_range(&mut v, 0xa000, 0xb000);
+        assert_eq!(
+            v,
+            vec![
+                DirtyRange {
+                    start: 0x1000,
+                    npages: 1
+                },
+                DirtyRange {
+                    start: 0x4000,
+                    npages: 7
+                }
+            ]
+        );
+    }
 
     #[test]
     fn push_range_merges_neighbours() {
