@@ -271,14 +271,8 @@ pub fn dump(
                     }
                 }
                 if wanted(&vma.kind, vma.shared, e) {
-                    let full = ranges.len() == IOV_MAX;
-                    match ranges.last_mut() {
-                        Some(r) if r.addr + r.len as u64 == addr => r.len += PAGE_SIZE,
-                        _ if full => break,
-                        _ => ranges.push(RemoteRange {
-                            addr,
-                            len: PAGE_SIZE,
-                        }),
+                    if !sys::push_page_range(&mut ranges, addr) {
+                        break;
                     }
                     addrs.push(addr);
                 }

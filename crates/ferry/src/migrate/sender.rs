@@ -82,14 +82,9 @@ impl PageSender {
                 return Err(MigrateError::Cancelled);
             }
             self.ranges.clear();
+            // READ_PAGES ≤ IOV_MAX, so a chunk always fits.
             for &a in chunk {
-                match self.ranges.last_mut() {
-                    Some(r) if r.addr + r.len as u64 == a => r.len += PAGE_SIZE,
-                    _ => self.ranges.push(RemoteRange {
-                        addr: a,
-                        len: PAGE_SIZE,
-                    }),
-                }
+                sys::push_page_range(&mut self.ranges, a);
             }
             let want = chunk.len() * PAGE_SIZE;
             let got = sys::process_vm_readv(pid, &mut self.buf[..want], &self.ranges).unwrap_or(0);

@@ -46,6 +46,22 @@ pub struct RemoteRange {
 /// The kernel accepts at most this many iovecs per `process_vm_*` call.
 pub const IOV_MAX: usize = 1024;
 
+/// Adds the page at `addr` to a `process_vm_*` range list, extending the
+/// last range when contiguous. Returns false (adding nothing) when a new
+/// range is needed and the list already holds IOV_MAX.
+pub fn push_page_range(ranges: &mut Vec<RemoteRange>, addr: u64) -> bool {
+    let full = ranges.len() >= IOV_MAX;
+    match ranges.last_mut() {
+        Some(r) if r.addr + r.len as u64 == addr => r.len += PAGE_SIZE,
+        _ if full => return false,
+        _ => ranges.push(RemoteRange {
+            addr,
+            len: PAGE_SIZE,
+        }),
+    }
+    true
+}
+
 /// Reads `remote` ranges of `pid` into the consecutive bytes of `local`.
 /// Returns the number of bytes read (a short count means a range failed).
 pub fn process_vm_readv(pid: i32, local: &mut [u8], remote: &[RemoteRange]) -> io::Result<usize> {
@@ -513,4 +529,30 @@ pub fn stop_flag_on_signals() -> &'static std::sync::atomic::AtomicBool {
         }
     }
     &STOP_REQUESTED
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_page_range_merges_and_caps() {
+        let mut r = Vec::new();
+        assert!(push_page_range(&mut r, 0x1000));
+        assert!(push_page_range(&mut r, 0x2000));
+        assert!(push_page_range(&mut r, 0x5000));
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].len, 2 * PAGE_SIZE);
+        r.clear();
+        for i in 0..IOV_MAX as u64 {
+            assert!(push_page_range(&mut r, i * 2 * PAGE_SIZE as u64));
+        }
+        // A new range does not fit, a contiguous page still does.
+        assert!(!push_page_range(&mut r, u64::MAX - PAGE_SIZE as u64 * 4));
+        assert!(push_page_range(
+            &mut r,
+            (IOV_MAX as u64 - 1) * 2 * PAGE_SIZE as u64 + PAGE_SIZE as u64
+        ));
+        assert_eq!(r.len(), IOV_MAX);
+    }
 }

@@ -314,14 +314,8 @@ impl HashTracker {
                     let e = PagemapEntry(entries[i]);
                     if e.present() || e.swapped() {
                         let addr = area.start + i as u64 * PAGE;
-                        let full = ranges.len() == IOV_MAX;
-                        match ranges.last_mut() {
-                            Some(r) if r.addr + r.len as u64 == addr => r.len += PAGE_SIZE,
-                            _ if full => break,
-                            _ => ranges.push(RemoteRange {
-                                addr,
-                                len: PAGE_SIZE,
-                            }),
+                        if !sys::push_page_range(&mut ranges, addr) {
+                            break;
                         }
                         batch.push(i);
                     }

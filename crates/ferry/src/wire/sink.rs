@@ -60,27 +60,6 @@ impl<S: PageSink + ?Sized> PageSink for Box<S> {
     }
 }
 
-impl<S: PageSink + ?Sized> PageSink for &mut S {
-    fn page(
-        &mut self,
-        pid: i32,
-        round: u32,
-        addr: u64,
-        data: &[u8; PAGE_SIZE],
-    ) -> Result<(), SinkError> {
-        (**self).page(pid, round, addr, data)
-    }
-    fn zero(&mut self, pid: i32, round: u32, addr: u64, npages: u32) -> Result<(), SinkError> {
-        (**self).zero(pid, round, addr, npages)
-    }
-    fn absent(&mut self, pid: i32, round: u32, addr: u64, npages: u32) -> Result<(), SinkError> {
-        (**self).absent(pid, round, addr, npages)
-    }
-    fn flush(&mut self) -> Result<(), SinkError> {
-        (**self).flush()
-    }
-}
-
 /// A page held by [`MemorySink`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageContent<'a> {
