@@ -30,6 +30,10 @@
 
 mod common;
 
+use common::procs::{
+    become_subreaper, exe_of, kill_leftovers, ns_pids, stat_of, thread_count, tree_of,
+    wait_vanished,
+};
 use common::*;
 use std::ffi::OsStr;
 use std::fs::{self, OpenOptions};
@@ -84,156 +88,8 @@ fn delay() -> Duration {
     d
 }
 
-/// Orphans of the trees we kill are reparented to us (see the module doc).
-fn become_subreaper() {
-    // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong, 0, 0, 0) };
-    assert_eq!(
-        r,
-        0,
-        "prctl(PR_SET_CHILD_SUBREAPER): {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-fn my_pid() -> i32 {
-    std::process::id() as i32
-}
-
-// ---------------------------------------------------------------------------
-// The process table
-
-/// (ppid, state) of `pid` from /proc/PID/stat.
-fn stat_of(pid: i32) -> Option<(i32, char)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut it = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = it.next()?.chars().next()?;
-    let ppid = it.next()?.parse().ok()?;
-    Some((ppid, state))
-}
-
-/// All processes as (pid, ppid, state).
-fn all_procs() -> Vec<(i32, i32, char)> {
-    let mut out = Vec::new();
-    if let Ok(dir) = fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
-                if let Some((ppid, state)) = stat_of(pid) {
-                    out.push((pid, ppid, state));
-                }
-            }
-        }
-    }
-    out
-}
-
-/// `root` and all its descendants (processes, not threads), root first.
-fn tree_of(root: i32) -> Vec<i32> {
-    let procs = all_procs();
-    let mut out = vec![root];
-    let mut i = 0;
-    while i < out.len() {
-        let p = out[i];
-        let mut kids: Vec<i32> = procs
-            .iter()
-            .filter(|&&(_, ppid, _)| ppid == p)
-            .map(|&(pid, _, _)| pid)
-            .collect();
-        kids.sort_unstable();
-        out.extend(kids);
-        i += 1;
-    }
-    out
-}
-
-fn thread_count(pid: i32) -> usize {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// The NSpid line of /proc/PID/status: the pid in each namespace, outermost
-/// first.
-fn ns_pids(pid: i32) -> Vec<i32> {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|s| s.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn describe_wait(st: i32) -> String {
     describe(ExitStatus::from_raw(st))
-}
-
-/// Waits until none of `pids` exists in /proc, reaping those that are our
-/// zombies (orphans reparented to us). Returns the wait statuses of the
-/// reaped ones, or a description of what is left after `timeout`. Never
-/// pass a pid that a live `std::process::Child` still owns.
-fn wait_vanished(pids: &[i32], timeout: Duration) -> Result<Vec<(i32, i32)>, String> {
-    let end = Instant::now() + timeout;
-    let mut reaped = Vec::new();
-    loop {
-        let mut left = Vec::new();
-        for &pid in pids {
-            let Some((ppid, state)) = stat_of(pid) else {
-                continue;
-            };
-            if state == 'Z' && ppid == my_pid() {
-                let mut st = 0;
-                // SAFETY: waitpid on a zombie child of ours, by pid.
-                if unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) } == pid {
-                    reaped.push((pid, st));
-                    continue;
-                }
-            }
-            left.push(format!("{pid} (state {state}, parent {ppid})"));
-        }
-        if left.is_empty() {
-            return Ok(reaped);
-        }
-        if Instant::now() > end {
-            return Err(format!(
-                "still there after {timeout:?}: {}",
-                left.join(", ")
-            ));
-        }
-        sleep(Duration::from_millis(10));
-    }
-}
-
-fn exe_of(pid: i32) -> Option<PathBuf> {
-    fs::read_link(format!("/proc/{pid}/exe")).ok()
-}
-
-/// Kills (SIGKILL) whichever of `pids` still runs one of `exes` (in that
-/// order), then reaps those and any of `pids` that are our zombies (bounded).
-/// For cleanup after a failure; pids that now belong to something else are
-/// left alone.
-fn kill_leftovers(pids: &[i32], exes: &[PathBuf]) {
-    let exes: Vec<PathBuf> = exes
-        .iter()
-        .filter_map(|e| fs::canonicalize(e).ok())
-        .collect();
-    let mut targets = Vec::new();
-    for &pid in pids {
-        if pid_alive(pid) && exe_of(pid).is_some_and(|e| exes.contains(&e)) {
-            eprintln!("killing leftover pid {pid}");
-            // SAFETY: kill(2) on a pid just checked to run our program.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            targets.push(pid);
-        } else if stat_of(pid) == Some((my_pid(), 'Z')) {
-            targets.push(pid);
-        }
-    }
-    if let Err(e) = wait_vanished(&targets, Duration::from_secs(5)) {
-        eprintln!("cleanup: {e}");
-    }
 }
 
 // ---------------------------------------------------------------------------
