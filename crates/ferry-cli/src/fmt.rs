@@ -115,6 +115,21 @@ controller {}, stopped by {}{}\n",
         "pages: {} zero, {} raw, {} lz4, {} zstd, {} absent, {} resent; {} not present (never sent)\n",
         r.pages.zero, r.pages.raw, r.pages.lz4, r.pages.zstd, r.pages.absent, r.pages.resent, r.pages.not_present
     ));
+    if let (Some(resume), Some(lat)) = (r.resume_ms, &r.fault_latency_us) {
+        s.push_str(&format!(
+            "{}: resumed after {:.1} ms with {} pages, {} pages after; {} remote faults \
+(latency p50 {:.0} µs, p99 {:.0} µs), {} zero-filled; last page {:.1} ms after the resume\n",
+            r.mode,
+            resume,
+            r.pages_before_resume.unwrap_or(0),
+            r.pages_after_resume.unwrap_or(0),
+            r.remote_faults.unwrap_or(0),
+            lat.p50,
+            lat.p99,
+            r.local_faults.unwrap_or(0),
+            r.last_page_ms.unwrap_or(0.0)
+        ));
+    }
     s.push_str("round  dirty pages  pages sent    duration ms  bandwidth\n");
     for x in &r.rounds {
         s.push_str(&format!(

@@ -203,6 +203,9 @@ line per round goes to stderr; the report goes to stdout (--json: one JSON objec
         /// File holding the shared secret (as given to the agent).
         #[arg(long, value_name = "FILE")]
         token_file: Option<PathBuf>,
+        /// precopy, postcopy or hybrid (see above).
+        #[arg(long, default_value = "precopy")]
+        mode: String,
         /// When to stop the live phase: adaptive, downtime:<ms>, iterations:<n>, stop-copy.
         #[arg(long, default_value = "adaptive")]
         controller: String,
@@ -423,6 +426,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             pid,
             to,
             token_file,
+            mode,
             controller,
             max_iterations,
             interval_ms,
@@ -440,6 +444,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             copts.adaptive.interval = std::time::Duration::from_millis(interval_ms.max(1));
             let controller = ferry::migrate::controller::parse(&controller, &copts)?;
+            let mode: ferry::wire::MigrationMode =
+                mode.parse().map_err(|e| anyhow::anyhow!("--mode: {e}"))?;
             let compression: ferry::wire::Compression = compress
                 .parse()
                 .map_err(|e| anyhow::anyhow!("--compress {compress}: {e}"))?;
@@ -462,6 +468,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 max_bandwidth,
                 tracker,
                 timeout: std::time::Duration::from_secs(timeout.max(1)),
+                mode,
             };
             let stop = ferry::sys::stop_flag_on_signals();
             let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

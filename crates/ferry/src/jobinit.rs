@@ -90,8 +90,21 @@ pub enum InitIo {
 }
 
 pub fn spawn_init(init_args: &[OsString], io: InitIo) -> std::io::Result<Child> {
+    // unshare(CLONE_NEWPID) changes the namespace of the calling thread's
+    // future children for good, and such a thread can no longer create
+    // threads (clone3 EINVAL): do it on a thread of its own.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            sys::unshare_pidns()?;
+            spawn_init_here(init_args, io)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("init spawner panicked")))
+    })
+}
+
+fn spawn_init_here(init_args: &[OsString], io: InitIo) -> std::io::Result<Child> {
     use std::process::Stdio;
-    sys::unshare_pidns()?;
     let mut cmd = Command::new("/proc/self/exe");
     cmd.arg("__init").args(init_args);
     match io {

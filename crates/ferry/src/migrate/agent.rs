@@ -5,6 +5,7 @@
 //! its own session.
 
 use super::mempages::MemPages;
+use super::postcopy::{self, Pager};
 use super::MigrateError;
 use crate::image::{self, ImageDir, Inventory};
 use crate::restore;
@@ -72,7 +73,9 @@ type Conn = FrameWriter<TcpStream>;
 
 struct Session {
     rx: Mutex<Receiver<MemSink>>,
-    main: Mutex<Conn>,
+    main: Arc<Mutex<Conn>>,
+    /// Post-copy: where page batches go once the job runs here.
+    postcopy: Mutex<Option<postcopy::Inbox>>,
 }
 
 struct Agent {
@@ -212,7 +215,8 @@ fn serve_main(
     };
     let sess = Arc::new(Session {
         rx: Mutex::new(Receiver::new(cfg, MemSink::default())?),
-        main: Mutex::new(w),
+        main: Arc::new(Mutex::new(w)),
+        postcopy: Mutex::new(None),
     });
     let mut id: Option<SessionId> = None;
     let mut frame = Some(first);
@@ -248,7 +252,11 @@ fn serve_main(
         }
         send_all(&sess.main, &a.send)?;
         match a.event {
-            Event::Restore(inv) => restore_job(agent, &sess, inv)?,
+            Event::Restore(inv) => {
+                if let Some(pager) = restore_job(agent, &sess, inv)? {
+                    break serve_postcopy(&mut r, &sess, pager);
+                }
+            }
             Event::Close { .. } | Event::Aborted { .. } => break Ok(()),
             Event::Released => {}
             _ => {}
@@ -297,9 +305,11 @@ fn serve_stream(
         w.send(m)?;
     }
     w.flush()?;
+    let mut decoder: Option<wire::BatchDecoder> = None;
     loop {
         let f = match r.read_frame() {
             Ok(f) => f.to_owned(),
+            Err(_) if lock(&sess.postcopy).is_some() => return Ok(()),
             Err(_) => {
                 let a = lock(&sess.rx).on_stream_closed(idx);
                 if let Ok(a) = a {
@@ -308,6 +318,28 @@ fn serve_stream(
                 return Ok(());
             }
         };
+        let inbox = lock(&sess.postcopy).clone();
+        if let Some(inbox) = inbox {
+            // The job runs here: this stream carries the background pages.
+            if f.ty != FrameType::PageBatch {
+                return Err(MigrateError::Refused(format!(
+                    "{} on a page stream during post-copy",
+                    f.ty
+                )));
+            }
+            let d = match &mut decoder {
+                Some(d) => d,
+                None => decoder.insert(wire::BatchDecoder::new()?),
+            };
+            match postcopy::decode_batch(d, &f.payload) {
+                Ok(a) => inbox.send(postcopy::Input::Pages(a)),
+                Err(e) => {
+                    inbox.send(postcopy::Input::Lost(format!("bad page batch: {e}")));
+                    return Err(e.into());
+                }
+            }
+            continue;
+        }
         let a = lock(&sess.rx).on_stream_frame(idx, &f.as_frame());
         let a = match a {
             Ok(a) => a,
@@ -318,7 +350,15 @@ fn serve_stream(
         };
         send_all(&sess.main, &a.send)?;
         if let Event::Restore(inv) = a.event {
-            restore_job(agent, &sess, inv)?;
+            // A commit completed by a stream: the main connection's thread
+            // is waiting in read, so post-copy serving goes to a thread.
+            if let Some(pager) = restore_job(agent, &sess, inv)? {
+                std::thread::spawn(move || {
+                    if let Err(e) = pager.join() {
+                        tracing::warn!("post-copy pager: {e:?}");
+                    }
+                });
+            }
         }
     }
 }
@@ -333,13 +373,33 @@ fn restore_job(
     agent: &Arc<Agent>,
     sess: &Arc<Session>,
     mut inv: Box<Inventory>,
-) -> Result<(), MigrateError> {
+) -> Result<Option<PagerThread>, MigrateError> {
     let t = Instant::now();
-    let (mut pages, blobs, sid) = {
+    let (mut pages, blobs, sid, plans, postcopy) = {
         let mut rx = lock(&sess.rx);
         let pages = std::mem::take(&mut rx.sink_mut().0);
-        (pages, rx.take_blobs(), rx.session().unwrap_or_default())
+        let postcopy = rx.start_info().is_some_and(|s| s.mode.is_postcopy());
+        (
+            pages,
+            rx.take_blobs(),
+            rx.session().unwrap_or_default(),
+            rx.take_plans(),
+            postcopy,
+        )
     };
+    // Planned pages stay missing: an older copy from a pre-copy round must
+    // not be restored in their place.
+    let mut planned: HashMap<i32, Vec<(u64, u64)>> = HashMap::new();
+    for p in &plans {
+        let v = planned.entry(p.pid).or_default();
+        for r in &p.runs {
+            let len = r.npages as u64 * wire::PAGE_SIZE as u64;
+            v.push((r.addr, r.addr + len));
+            for k in 0..r.npages as u64 {
+                pages.drop_page(p.pid, r.addr + k * wire::PAGE_SIZE as u64);
+            }
+        }
+    }
     let outcome = (|| -> Result<restore::Report, MigrateError> {
         image::validate_inventory(&inv)?;
         for p in inv.processes.iter_mut() {
@@ -352,13 +412,38 @@ fn restore_job(
         }
         // Two nodes on one host share a pid namespace: a fresh one per job
         // keeps every pid free whatever else runs here.
-        let opts = restore::Options { fresh_pidns: true };
+        let opts = restore::Options {
+            fresh_pidns: true,
+            postcopy: postcopy.then(|| Arc::new(std::mem::take(&mut planned))),
+        };
         let r = restore::restore_from(&inv, &pages, &img, &opts);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(r?)
     })();
     drop(pages);
-    let result = match &outcome {
+    let mut pager = None;
+    let result = match outcome {
+        Ok(mut rep) if postcopy => {
+            lock(&agent.jobs).push((rep.wait_pid, rep.pid));
+            let main = sess.main.clone();
+            let send: postcopy::SendFn = Box::new(move |msgs| send_all(&main, msgs));
+            let spaces = std::mem::take(&mut rep.spaces);
+            match Pager::new(spaces, &plans, rep.pid, rep.wait_pid, send) {
+                Ok((p, inbox)) => {
+                    *lock(&sess.postcopy) = Some(inbox);
+                    pager = Some(p);
+                    tracing::info!(pid = rep.pid, "job resumed in {:?}; post-copy", t.elapsed());
+                    Ok(Restored {
+                        pid: rep.pid,
+                        restore_ms: t.elapsed().as_millis() as u64,
+                    })
+                }
+                Err(e) => {
+                    let _ = sys::kill(rep.wait_pid, libc::SIGKILL);
+                    Err(format!("post-copy setup: {e}"))
+                }
+            }
+        }
         Ok(rep) => {
             lock(&agent.jobs).push((rep.wait_pid, rep.pid));
             tracing::info!(pid = rep.pid, "job restored in {:?}", t.elapsed());
@@ -373,5 +458,83 @@ fn restore_job(
         }
     };
     let a = lock(&sess.rx).restore_finished(result)?;
-    send_all(&sess.main, &a.send)
+    send_all(&sess.main, &a.send)?;
+    // Serving starts once the source knows the job runs here (it sends the
+    // rest only then); faults meanwhile wait in the kernel.
+    Ok(match pager {
+        Some(p) => Some(
+            std::thread::Builder::new()
+                .name("ferry-pager".into())
+                .spawn(move || p.run())
+                .map_err(|e| MigrateError::Io {
+                    what: "starting the pager".into(),
+                    source: e,
+                })?,
+        ),
+        None => None,
+    })
+}
+
+type PagerThread = std::thread::JoinHandle<Result<wire::messages::PostcopyDone, MigrateError>>;
+
+/// The main connection during post-copy: page replies go to the pager,
+/// which ends the session with PostcopyDone; a lost source makes the pager
+/// kill the job.
+fn serve_postcopy(
+    r: &mut FrameReader<TcpStream>,
+    sess: &Arc<Session>,
+    pager: PagerThread,
+) -> Result<(), MigrateError> {
+    let Some(inbox) = lock(&sess.postcopy).clone() else {
+        return Err(MigrateError::Internal("post-copy without a pager".into()));
+    };
+    let mut decoder = wire::BatchDecoder::new()?;
+    let mut done = false;
+    let lost = loop {
+        let f = match r.read_frame() {
+            Ok(f) => f.to_owned(),
+            Err(e) => break format!("{e}"),
+        };
+        match f.ty {
+            FrameType::PageBatch | FrameType::PageReply => {
+                match postcopy::decode_batch(&mut decoder, &f.payload) {
+                    Ok(a) => inbox.send(postcopy::Input::Pages(a)),
+                    Err(e) => break format!("bad page batch: {e}"),
+                }
+            }
+            _ => match Message::decode(&f.as_frame()) {
+                Ok(Message::Ping { seq }) => send_all(&sess.main, &[Message::Pong { seq }])?,
+                Ok(Message::Ack) => {
+                    done = true;
+                    break String::new();
+                }
+                Ok(Message::Abort { reason }) | Ok(Message::Error { message: reason }) => {
+                    break format!("the source aborted: {reason}")
+                }
+                Ok(m) => break format!("unexpected {} during post-copy", m.frame_type()),
+                Err(e) => break format!("{e}"),
+            },
+        }
+    };
+    if !done {
+        inbox.send(postcopy::Input::Lost(lost));
+    }
+    match pager.join() {
+        Ok(Ok(d)) => {
+            tracing::info!(
+                "post-copy complete: {} pages, {} remote faults (p50 {:.0} µs, p99 {:.0} µs), last page after {:.0} ms",
+                d.pages_placed,
+                d.remote_faults,
+                d.fault_latency_p50_us,
+                d.fault_latency_p99_us,
+                d.last_page_ms
+            );
+            Ok(())
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("post-copy failed; the restored job was killed: {e}");
+            Err(e)
+        }
+        Err(_) => Err(MigrateError::Internal("the pager panicked".into())),
+    }
 }

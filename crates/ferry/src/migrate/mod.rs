@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod controller;
 pub mod mempages;
+pub mod postcopy;
 pub mod report;
 mod sender;
 pub mod source;
@@ -35,6 +36,8 @@ pub enum MigrateError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Proc(#[from] ProcError),
+    #[error(transparent)]
+    Remote(#[from] crate::remote::RemoteError),
     #[error("{0}")]
     Stream(String),
     #[error("{0}")]

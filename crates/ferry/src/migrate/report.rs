@@ -38,8 +38,18 @@ pub struct RoundReport {
     pub frozen: bool,
 }
 
+/// Fault service latency on the target (µs).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrationReport {
+    /// `precopy`, `postcopy` or `hybrid`.
+    pub mode: String,
     /// The job's pid on the source.
     pub pid: i32,
     pub target: String,
@@ -66,4 +76,16 @@ pub struct MigrationReport {
     pub compression: String,
     pub streams: u16,
     pub tracker: String,
+    /// Post-copy/hybrid: freeze → running on the target (= downtime).
+    pub resume_ms: Option<f64>,
+    /// Post-copy/hybrid: faults on pages not there yet, fetched from here.
+    pub remote_faults: Option<u64>,
+    /// Post-copy/hybrid: faults the target answered itself with a zero page.
+    pub local_faults: Option<u64>,
+    pub fault_latency_us: Option<Latency>,
+    /// Post-copy/hybrid: resume → the last page in place on the target.
+    pub last_page_ms: Option<f64>,
+    /// Post-copy/hybrid: pages sent before the resume / after it.
+    pub pages_before_resume: Option<u64>,
+    pub pages_after_resume: Option<u64>,
 }

@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+mod handoff;
+
 const PAGE: u64 = crate::sys::PAGE_SIZE as u64;
 
 /// How to migrate.
@@ -40,6 +42,8 @@ pub struct Options {
     pub tracker: String,
     /// How long to wait for a connection or a reply.
     pub timeout: Duration,
+    /// Pre-copy, post-copy or hybrid.
+    pub mode: wire::MigrationMode,
 }
 
 /// A progress sample, for the line on stderr.
@@ -74,6 +78,9 @@ struct Links {
     n: u16,
     /// Every page stream's socket, to cut them short on failure.
     socks: Vec<TcpStream>,
+    /// Post-copy: the connection for background pages after the resume
+    /// (the last stream; idle until then).
+    bg: Option<PageSender>,
 }
 
 impl Links {
@@ -112,6 +119,10 @@ impl Links {
     /// batch counts (main first).
     fn end_round(&mut self) -> Result<Vec<u64>, MigrateError> {
         let mut counts = vec![self.main.end_round()?];
+        let bg = match &mut self.bg {
+            Some(b) => Some(b.end_round()?),
+            None => None,
+        };
         let mut replies = Vec::new();
         for s in &self.streams {
             let (tx, rx) = mpsc::channel();
@@ -126,6 +137,7 @@ impl Links {
                 .map_err(MigrateError::Stream)?;
             counts.push(n);
         }
+        counts.extend(bg);
         Ok(counts)
     }
 
@@ -139,6 +151,10 @@ impl Links {
     fn finish(mut self) -> (WireStats, u64) {
         let mut stats = *self.main.stats();
         let mut bytes = self.main.w.counters().1;
+        if let Some(bg) = &self.bg {
+            stats += bg.stats();
+            bytes += bg.w.counters().1;
+        }
         for s in &mut self.streams {
             let (tx, _) = mpsc::channel::<Cmd>();
             drop(std::mem::replace(&mut s.tx, tx));
@@ -260,6 +276,10 @@ pub fn migrate(
 ) -> Result<MigrationReport, MigrateError> {
     let t0 = Instant::now();
     let mut controller = std::mem::replace(&mut opts.controller, Box::new(NoController));
+    if opts.mode == wire::MigrationMode::PostCopy {
+        // No live phase: freeze and hand over at once.
+        controller = Box::new(NoController);
+    }
     let addr = opts
         .to
         .to_socket_addrs()
@@ -276,9 +296,23 @@ pub fn migrate(
         source: e,
     })?);
     let mut w = writer(main, &limiter);
-    let session =
-        SourceSession::handshake(&mut r, &mut w, &opts.token, Features::ours(opts.streams))?;
-    let n = opts.streams.min(session.negotiated.max_streams);
+    // Post-copy keeps one more connection for background pages.
+    let bg = u16::from(opts.mode.is_postcopy());
+    let session = SourceSession::handshake(
+        &mut r,
+        &mut w,
+        &opts.token,
+        Features::ours(opts.streams.saturating_add(bg)),
+    )?;
+    if opts.mode.is_postcopy() && session.negotiated.flags & Features::POST_COPY == 0 {
+        return Err(MigrateError::Refused(format!(
+            "the agent at {addr} does not support {} migration",
+            opts.mode
+        )));
+    }
+    let n = opts
+        .streams
+        .min(session.negotiated.max_streams.saturating_sub(bg));
     let work = tempdir()?;
     let result = run(
         pid,
@@ -410,12 +444,13 @@ fn live(
     processes: u32,
 ) -> Result<MigrationReport, MigrateError> {
     let total_pages: u64 = tracked.iter().map(|t| t.pending.len() as u64).sum();
+    let bg_streams = u16::from(opts.mode.is_postcopy());
     let start = MigrationStart {
         job: format!("pid {pid}"),
         description: proc::read_comm(pid).unwrap_or_default(),
-        mode: wire::MigrationMode::PreCopy,
+        mode: opts.mode,
         compression: opts.compression,
-        streams: n,
+        streams: n + bg_streams,
         total_pages,
         processes,
         machine,
@@ -440,12 +475,29 @@ fn live(
             i,
         ));
     }
+    let bg = if bg_streams > 0 {
+        let s = connect(&addr, opts.timeout)?;
+        let mut sr = FrameReader::new(s.try_clone().map_err(|e| MigrateError::Io {
+            what: "socket".into(),
+            source: e,
+        })?);
+        socks.push(s.try_clone().map_err(|e| MigrateError::Io {
+            what: "socket".into(),
+            source: e,
+        })?);
+        let mut sw = writer(s, limiter);
+        session.join_stream(&mut sr, &mut sw, n + 1)?;
+        Some(PageSender::new(sw, opts.compression, cancel.clone())?)
+    } else {
+        None
+    };
     let mut links = Links {
         r,
         main: PageSender::new(w, opts.compression, cancel.clone())?,
         streams,
         n,
         socks,
+        bg,
     };
     let outcome = precopy(
         pid,
@@ -620,40 +672,78 @@ fn precopy(
         wire_round += 1;
     }
     let live_ms = t0.elapsed().as_secs_f64() * 1e3;
-    // Stop and copy.
     let t_freeze = Instant::now();
     let tree = FrozenTree::freeze(pid)?;
-    let res = stop_and_copy(
-        &tree,
-        links,
-        work,
-        tracked,
-        &mut rounds,
-        round,
-        wire_round,
-        &mut resent_total,
-        t_freeze,
-    );
+    let mut post: Option<handoff::Handoff> = None;
+    let res = if opts.mode.is_postcopy() {
+        // Hand over now; the rest follows once the job runs there.
+        handoff::handoff(
+            &tree,
+            links,
+            work,
+            tracked,
+            &mut rounds,
+            round,
+            wire_round,
+            &mut resent_total,
+            t_freeze,
+            cancel,
+            progress,
+        )
+        .map(|h| {
+            let x = (h.target_pid, h.restore_ms, h.threads, h.processes);
+            post = Some(h);
+            x
+        })
+    } else {
+        // Stop and copy.
+        stop_and_copy(
+            &tree,
+            links,
+            work,
+            tracked,
+            &mut rounds,
+            round,
+            wire_round,
+            &mut resent_total,
+            t_freeze,
+        )
+    };
     let (target_pid, restore_ms, threads, processes) = match res {
         Ok(x) => x,
         Err(e) => {
+            // Also after a resume there: without the pages still here, the
+            // target kills its copy (it must never run on without them).
             tree.thaw()?;
             return Err(e);
         }
     };
-    let downtime = t_freeze.elapsed();
+    let downtime = match &post {
+        Some(h) => h.resume,
+        None => t_freeze.elapsed(),
+    };
     tree.kill()?;
     let reason = stop.unwrap_or(StopReason::Manual);
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     Ok(MigrationReport {
+        mode: opts.mode.to_string(),
         pid,
         target: String::new(),
         target_pid,
         processes,
         threads,
-        controller: controller.name(),
+        controller: if opts.mode == wire::MigrationMode::PostCopy {
+            "none".into()
+        } else {
+            controller.name()
+        },
         pattern: reason.pattern().map(str::to_string),
-        stop_reason: reason.describe().to_string(),
-        downtime_ms: downtime.as_secs_f64() * 1e3,
+        stop_reason: if opts.mode == wire::MigrationMode::PostCopy {
+            "post-copy: no live phase".into()
+        } else {
+            reason.describe().to_string()
+        },
+        downtime_ms: ms(downtime),
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         restore_ms,
         live_ms,
@@ -671,6 +761,17 @@ fn precopy(
             .first()
             .map_or("none", |t| t.tracker.name())
             .to_string(),
+        resume_ms: post.as_ref().map(|h| ms(h.resume)),
+        remote_faults: post.as_ref().map(|h| h.done.remote_faults),
+        local_faults: post.as_ref().map(|h| h.done.local_faults),
+        fault_latency_us: post.as_ref().map(|h| super::report::Latency {
+            p50: h.done.fault_latency_p50_us,
+            p99: h.done.fault_latency_p99_us,
+            max: h.done.fault_latency_max_us,
+        }),
+        last_page_ms: post.as_ref().map(|h| h.done.last_page_ms),
+        pages_before_resume: post.as_ref().map(|h| h.before),
+        pages_after_resume: post.as_ref().map(|h| h.after),
     })
 }
 
@@ -785,21 +886,7 @@ fn stop_and_copy(
         .map(|b| work.read_blob(b))
         .collect::<Result<_, _>>()?;
     links.send_msg(&Message::FinalState(Box::new(inv)))?;
-    for (i, data) in blobs.iter().enumerate() {
-        let mut off = 0usize;
-        loop {
-            let end = (off + wire::messages::BLOB_CHUNK).min(data.len());
-            links.send_msg(&Message::Blob(wire::messages::BlobChunk {
-                index: i as u32,
-                offset: off as u64,
-                data: data[off..end].to_vec(),
-            }))?;
-            off = end;
-            if off >= data.len() {
-                break;
-            }
-        }
-    }
+    handoff::send_blobs(links, &blobs)?;
     links.send_msg(&Message::Commit)?;
     // The target answers once the tree runs there; restores of large jobs
     // take a while, so wait patiently (link loss still ends the wait).

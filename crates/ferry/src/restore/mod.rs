@@ -7,6 +7,7 @@
 mod files;
 mod filetable;
 mod memory;
+pub mod postcopy;
 mod stub;
 mod task;
 
@@ -59,6 +60,9 @@ pub struct Report {
     pub total: Duration,
     /// Of which spent on non-memory state.
     pub state_time: Duration,
+    /// Post-copy: each process's userfaultfd (empty otherwise).
+    #[serde(skip)]
+    pub spaces: Vec<postcopy::RegisteredSpace>,
 }
 
 /// Restores the image in `dir`; on success the tree runs, its root a child
@@ -81,6 +85,11 @@ pub struct Options {
     /// from a `ferry run` job: its pids are then free whatever runs on this
     /// host (the root's parent becomes the namespace's init).
     pub fresh_pidns: bool,
+    /// Post-copy: per image pid, the `[start, end)` runs of pages that are
+    /// not in the page source but still on the source node. Their areas are
+    /// registered with a userfaultfd made in the process (see
+    /// [`postcopy`]); the report hands the descriptors over.
+    pub postcopy: Option<std::sync::Arc<std::collections::HashMap<i32, Vec<(u64, u64)>>>>,
 }
 
 pub use memory::{DiskPages, PageSink, PageSource};
@@ -124,6 +133,7 @@ pub fn restore_from(
     tracing::debug!(elapsed = ?t0.elapsed(), processes = stubs.len(), "stubs ready");
     let mut stats = memory::Stats::default();
     let mut state_time = Duration::ZERO;
+    let mut spaces = Vec::new();
     for (st, p) in stubs.iter_mut().zip(&inv.processes) {
         if p.zombie.is_some() {
             continue;
@@ -137,6 +147,15 @@ pub fn restore_from(
         files::restore(st, &table, p)?;
         task::restore_process_state(st, p)?;
         task::restore_threads(st, p)?;
+        // Last: the kernel writes into the process's memory on its behalf
+        // while it is rebuilt (thread ids at clone...), and nobody serves
+        // faults yet. After the files, so the reference takes a free number.
+        if let Some(plan) = opts.postcopy.as_ref().and_then(|m| m.get(&p.pid)) {
+            let ranges = postcopy::areas_to_register(p, plan);
+            if !ranges.is_empty() {
+                spaces.push(postcopy::register(st, p, ranges)?);
+            }
+        }
         state_time += t.elapsed();
     }
     tracing::debug!(elapsed = ?t0.elapsed(), pages = stats.pages_data, "processes rebuilt");
@@ -161,6 +180,7 @@ pub fn restore_from(
         bytes_read: stats.bytes,
         total: t0.elapsed(),
         state_time,
+        spaces,
     })
 }
 

@@ -221,6 +221,34 @@ pub fn fionread(fd: RawFd) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// `poll(2)` on `fds` (events in, revents out) for at most `timeout_ms`
+/// (-1: no limit); returns how many have events. EINTR counts as none.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of the
+    // length passed.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINTR) {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(r as usize)
+}
+
+/// Takes ownership of the descriptor a userfaultfd `UFFD_EVENT_FORK`
+/// message names: the kernel installed it in this process's table for the
+/// reader of the event, and nothing else refers to it.
+pub fn adopt_fork_uffd(fd: u32) -> io::Result<OwnedFd> {
+    let fd = fd as RawFd;
+    // F_GETFD fails unless `fd` is open here.
+    fcntl_int(fd, libc::F_GETFD, 0)?;
+    // SAFETY: `fd` is open (checked above) and, coming from a fork event
+    // read by this process, owned by no other object.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Decoded `waitpid` status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitStatus {

@@ -69,14 +69,21 @@ pub enum FrameType {
     Ping = 0x23,
     /// Answer to `Ping`.
     Pong = 0x24,
-    /// Reserved (post-copy): target → source, fetch a page now.
+    /// Post-copy: target → source, fetch these pages now.
     PageRequest = 0x30,
-    /// Reserved (post-copy): source → target, a requested page (batch payload).
+    /// Reserved: source → target, requested pages (batch payload); ferry
+    /// sends replies as `PageBatch` on the main connection.
     PageReply = 0x31,
+    /// Post-copy: source → target, between FinalState and Commit: the pages
+    /// of one process that will come after the job resumes.
+    PostcopyPlan = 0x32,
+    /// Post-copy: target → source, every planned page is in place; the
+    /// source may let its copy of the job go.
+    PostcopyDone = 0x33,
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 21] = [
+    pub const ALL: [FrameType; 23] = [
         FrameType::Hello,
         FrameType::AuthChallenge,
         FrameType::AuthResponse,
@@ -98,6 +105,8 @@ impl FrameType {
         FrameType::Pong,
         FrameType::PageRequest,
         FrameType::PageReply,
+        FrameType::PostcopyPlan,
+        FrameType::PostcopyDone,
     ];
 
     pub fn from_u8(b: u8) -> Option<FrameType> {
@@ -127,6 +136,8 @@ impl FrameType {
             FrameType::Pong => "Pong",
             FrameType::PageRequest => "PageRequest",
             FrameType::PageReply => "PageReply",
+            FrameType::PostcopyPlan => "PostcopyPlan",
+            FrameType::PostcopyDone => "PostcopyDone",
         }
     }
 }

@@ -43,7 +43,8 @@ pub struct Features {
 impl Features {
     pub const LZ4: u32 = 1 << 0;
     pub const ZSTD: u32 = 1 << 1;
-    /// Reserved: post-copy (`PageRequest`/`PageReply`).
+    /// Post-copy and hybrid migration (`PostcopyPlan`, `PageRequest`,
+    /// `PostcopyDone`).
     pub const POST_COPY: u32 = 1 << 0;
 
     /// What this implementation supports, with up to `max_streams` extra
@@ -52,7 +53,7 @@ impl Features {
         Features {
             compression: Self::LZ4 | Self::ZSTD,
             max_streams,
-            flags: 0,
+            flags: Self::POST_COPY,
         }
     }
 
@@ -198,10 +199,42 @@ impl FromStr for Compression {
 pub enum MigrationMode {
     /// Rounds of pages while the job runs, then stop-and-copy.
     PreCopy,
-    /// Reserved: freeze, send state, fetch pages on demand.
+    /// Freeze, send the state and the pages needed first, resume on the
+    /// target, then fetch pages on demand while the rest streams.
     PostCopy,
-    /// Reserved: pre-copy rounds, then post-copy.
+    /// Pre-copy rounds, then post-copy for what is left.
     Hybrid,
+}
+
+impl MigrationMode {
+    /// Whether the job resumes on the target before all its pages are there.
+    pub fn is_postcopy(self) -> bool {
+        !matches!(self, MigrationMode::PreCopy)
+    }
+}
+
+impl fmt::Display for MigrationMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MigrationMode::PreCopy => "precopy",
+            MigrationMode::PostCopy => "postcopy",
+            MigrationMode::Hybrid => "hybrid",
+        })
+    }
+}
+
+impl FromStr for MigrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" | "pre-copy" => Ok(MigrationMode::PreCopy),
+            "postcopy" | "post-copy" => Ok(MigrationMode::PostCopy),
+            "hybrid" => Ok(MigrationMode::Hybrid),
+            _ => Err(format!(
+                "unknown mode {s:?}: expected precopy, postcopy or hybrid"
+            )),
+        }
+    }
 }
 
 /// `MigrationStart` (source → target): what comes.
@@ -273,12 +306,56 @@ pub struct BlobChunk {
 /// Largest piece of a blob per frame.
 pub const BLOB_CHUNK: usize = 4 << 20;
 
-/// Reserved (post-copy) `PageRequest` (target → source).
+/// `PageRequest` (target → source, post-copy): the job faulted on these
+/// pages; send them ahead of the background stream. `pid` is the image's
+/// (namespace) pid, `addr` the page's address in the source process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PageRequest {
     pub pid: i32,
     pub addr: u64,
     pub npages: u32,
+}
+
+/// `npages` pages from `addr`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    pub addr: u64,
+    pub npages: u32,
+}
+
+/// Most runs one `PostcopyPlan` frame may carry (a plan larger than that is
+/// split over several frames for the same pid).
+pub const MAX_PLAN_RUNS: usize = 1 << 20;
+
+/// `PostcopyPlan` (source → target, between FinalState and Commit): pages of
+/// process `pid` that are not sent before the job resumes. They stay
+/// missing in the restored process until they arrive or it faults on them;
+/// every other page is either restored or was absent on the source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PostcopyPlan {
+    pub pid: i32,
+    /// Sorted, disjoint runs.
+    pub runs: Vec<PageRun>,
+}
+
+/// `PostcopyDone` (target → source): every planned page is in place (or
+/// the job ended). What the target measured.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PostcopyDone {
+    /// Faults on planned pages that had not arrived: served by a request.
+    pub remote_faults: u64,
+    /// Faults on pages the source never had (or the job dropped): zero-filled here.
+    pub local_faults: u64,
+    /// Fault → page in place, for remote faults (µs).
+    pub fault_latency_p50_us: f64,
+    pub fault_latency_p99_us: f64,
+    pub fault_latency_max_us: f64,
+    /// Resume → last planned page in place (ms).
+    pub last_page_ms: f64,
+    /// Planned pages placed.
+    pub pages_placed: u64,
+    /// The job ended before every page arrived.
+    pub job_ended: bool,
 }
 
 /// A control message. Page batches are not messages (see `pages`).
@@ -303,6 +380,8 @@ pub enum Message {
     Ping { seq: u64 },
     Pong { seq: u64 },
     PageRequest(PageRequest),
+    PostcopyPlan(PostcopyPlan),
+    PostcopyDone(PostcopyDone),
 }
 
 impl Message {
@@ -327,6 +406,8 @@ impl Message {
             Message::Ping { .. } => FrameType::Ping,
             Message::Pong { .. } => FrameType::Pong,
             Message::PageRequest(_) => FrameType::PageRequest,
+            Message::PostcopyPlan(_) => FrameType::PostcopyPlan,
+            Message::PostcopyDone(_) => FrameType::PostcopyDone,
         }
     }
 
@@ -365,6 +446,8 @@ impl Message {
             Message::Ping { seq } => put(ty, buf, seq),
             Message::Pong { seq } => put(ty, buf, seq),
             Message::PageRequest(m) => put(ty, buf, m),
+            Message::PostcopyPlan(m) => put(ty, buf, m),
+            Message::PostcopyDone(m) => put(ty, buf, m),
         }
     }
 
@@ -449,6 +532,17 @@ impl Message {
                 seq: take(ty, p, lenient)?,
             },
             FrameType::PageRequest => Message::PageRequest(take(ty, p, lenient)?),
+            FrameType::PostcopyPlan => {
+                let plan: PostcopyPlan = take(ty, p, lenient)?;
+                if plan.runs.len() > MAX_PLAN_RUNS {
+                    return Err(WireError::Decode {
+                        ty,
+                        why: format!("{} runs (at most {MAX_PLAN_RUNS})", plan.runs.len()),
+                    });
+                }
+                Message::PostcopyPlan(plan)
+            }
+            FrameType::PostcopyDone => Message::PostcopyDone(take(ty, p, lenient)?),
             FrameType::PageBatch | FrameType::PageReply => {
                 return Err(WireError::Decode {
                     ty,
@@ -531,6 +625,23 @@ mod tests {
                 pid: 1,
                 addr: 0x1000,
                 npages: 1,
+            }),
+            Message::PostcopyPlan(PostcopyPlan {
+                pid: 3,
+                runs: vec![PageRun {
+                    addr: 0x7000,
+                    npages: 9,
+                }],
+            }),
+            Message::PostcopyDone(PostcopyDone {
+                remote_faults: 3,
+                local_faults: 1,
+                fault_latency_p50_us: 80.5,
+                fault_latency_p99_us: 300.0,
+                fault_latency_max_us: 400.0,
+                last_page_ms: 12.0,
+                pages_placed: 100,
+                job_ended: false,
             }),
         ]
     }

@@ -26,8 +26,7 @@
 use super::auth::{random_nonce, AuthContext, AuthToken, Nonce, SessionId};
 use super::frame::{Frame, FrameType};
 use super::messages::{
-    AuthChallenge, AuthOk, Features, Hello, Message, MigrationMode, MigrationStart, Restored, Role,
-    RoundEnd,
+    AuthChallenge, AuthOk, Features, Hello, Message, MigrationStart, Restored, Role, RoundEnd,
 };
 use super::pages::{peek_header, BatchDecoder, WireStats};
 use super::sink::PageSink;
@@ -88,7 +87,14 @@ impl State {
             State::AwaitStart => &[F::MigrationStart, F::Ping, F::Abort, F::Error],
             State::ReceivingPages => &[F::PageBatch, F::RoundEnd, F::Ping, F::Abort, F::Error],
             State::AwaitFinalState => &[F::FinalState, F::Ping, F::Abort, F::Error],
-            State::AwaitCommit => &[F::Blob, F::Commit, F::Ping, F::Abort, F::Error],
+            State::AwaitCommit => &[
+                F::Blob,
+                F::PostcopyPlan,
+                F::Commit,
+                F::Ping,
+                F::Abort,
+                F::Error,
+            ],
             State::AwaitStreams | State::Restoring => &[F::Ping, F::Abort, F::Error],
             State::Done => &[F::Ack, F::Ping],
             State::Failed => &[],
@@ -219,6 +225,8 @@ pub struct Receiver<S: PageSink = Box<dyn PageSink>> {
     inventory: Option<Box<Inventory>>,
     /// Blob contents received so far, by inventory index.
     blobs: Vec<Vec<u8>>,
+    /// Post-copy: pages of each process that come after the resume.
+    plans: Vec<super::messages::PostcopyPlan>,
     released: bool,
     failure: Option<String>,
 }
@@ -285,6 +293,7 @@ impl<S: PageSink> Receiver<S> {
             rounds: Vec::new(),
             inventory: None,
             blobs: Vec::new(),
+            plans: Vec::new(),
             released: false,
             failure: None,
         })
@@ -411,6 +420,7 @@ impl<S: PageSink> Receiver<S> {
             Message::RoundEnd(r) => self.on_round_end(r),
             Message::FinalState(inv) => self.on_final_state(inv),
             Message::Blob(b) => self.on_blob(b),
+            Message::PostcopyPlan(p) => self.on_plan(p),
             Message::Commit => self.on_commit(),
             Message::Ping { seq } => Ok(Action::reply(Message::Pong { seq })),
             Message::Ack => {
@@ -527,11 +537,8 @@ impl<S: PageSink> Receiver<S> {
             ))
         } else if !neg.allows(s.compression) {
             Some(format!("compression {} was not negotiated", s.compression))
-        } else if s.mode != MigrationMode::PreCopy {
-            Some(format!(
-                "{:?} migration is reserved; protocol 1.0 implements pre-copy only",
-                s.mode
-            ))
+        } else if s.mode.is_postcopy() && neg.flags & Features::POST_COPY == 0 {
+            Some(format!("{} migration was not negotiated", s.mode))
         } else {
             self.config
                 .machine
@@ -706,6 +713,55 @@ impl<S: PageSink> Receiver<S> {
         }
         have.extend_from_slice(&b.data);
         Ok(Action::none())
+    }
+
+    fn on_plan(&mut self, p: super::messages::PostcopyPlan) -> Result<Action, WireError> {
+        if !self.start.as_ref().is_some_and(|s| s.mode.is_postcopy()) {
+            return Err(WireError::Protocol(
+                "PostcopyPlan in a pre-copy migration".into(),
+            ));
+        }
+        let known = self
+            .inventory
+            .as_ref()
+            .is_some_and(|inv| inv.processes.iter().any(|q| q.pid == p.pid));
+        if !known {
+            return Err(WireError::Protocol(format!(
+                "PostcopyPlan for pid {}, which is not in the inventory",
+                p.pid
+            )));
+        }
+        let mut last_end = 0u64;
+        for r in &p.runs {
+            let end = r
+                .npages
+                .checked_mul(super::PAGE_SIZE as u32)
+                .and_then(|len| r.addr.checked_add(len as u64));
+            match end {
+                Some(end) if r.npages > 0 && r.addr % super::PAGE_SIZE as u64 == 0 && r.addr >= last_end => {
+                    last_end = end
+                }
+                _ => {
+                    return Err(WireError::Protocol(format!(
+                        "PostcopyPlan of pid {}: run {:#x}+{} pages is empty, unaligned or out of order",
+                        p.pid, r.addr, r.npages
+                    )))
+                }
+            }
+        }
+        let total: usize = self.plans.iter().map(|q| q.runs.len()).sum::<usize>() + p.runs.len();
+        if total > 16 * super::messages::MAX_PLAN_RUNS {
+            return Err(WireError::Protocol(format!(
+                "post-copy plans of {total} runs are too large"
+            )));
+        }
+        self.plans.push(p);
+        Ok(Action::none())
+    }
+
+    /// The post-copy plans received (empty for pre-copy).
+    pub fn take_plans(&mut self) -> Vec<super::messages::PostcopyPlan> {
+        std::mem::take(&mut self.plans)
     }
 
     /// Contents of the inventory's blobs, complete and checked once the
@@ -945,6 +1001,7 @@ mod tests {
     use crate::wire::messages::{AuthResponse, Compression, StreamJoin};
     use crate::wire::pages::BatchEncoder;
     use crate::wire::sink::{MemorySink, PageContent};
+    use crate::wire::MigrationMode;
     use crate::wire::PAGE_SIZE;
 
     fn machine() -> MachineInfo {
@@ -1130,7 +1187,6 @@ mod tests {
         for bad in [
             |s: &mut MigrationStart| s.machine.xcr0 = 7,
             |s: &mut MigrationStart| s.streams = 99,
-            |s: &mut MigrationStart| s.mode = MigrationMode::PostCopy,
         ] {
             let mut rx = receiver();
             let token = AuthToken::new(b"secret-token-0123").unwrap();

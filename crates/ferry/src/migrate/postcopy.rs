@@ -1,0 +1,844 @@
+//! Post-copy on the target: the *pager* serves the restored job's page
+//! faults while the source streams the rest of its memory.
+//!
+//! One thread owns every userfaultfd operation and all the state. That is
+//! what makes non-cooperative events safe: a `UFFDIO_COPY` either happens
+//! before the pager reads a REMOVE/UNMAP/REMAP/FORK event (then the job's
+//! madvise/munmap/mremap/fork, which waits for that read, acts on the placed
+//! page), or fails with EAGAIN while the event is unread (the kernel's
+//! `mmap_changing`), or comes after the pager has updated its view. Network
+//! threads only decode batches and hand them over ([`Inbox`]).
+//!
+//! A page is *planned* when the source will still send it; planned pages
+//! are missing in the job. A fault on a planned page that has not come yet
+//! is sent to the source as a `PageRequest`; a fault anywhere else (a page
+//! the source never had, or one the job dropped or unmapped since) is
+//! answered here with a zero page. When the last planned page is in place,
+//! the job's own userfaultfd reference is closed (a moment under ptrace)
+//! and ferry's duplicates are dropped, which unregisters everything.
+
+use super::MigrateError;
+use crate::checkpoint::FrozenTree;
+use crate::remote::{self, Remote};
+use crate::restore::postcopy::RegisteredSpace;
+use crate::sys::{self, uffd, PAGE_SIZE};
+use crate::wire::messages::{PageRequest, PageRun, PostcopyDone};
+use crate::wire::{BatchDecoder, Page, WireError};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// How long the pager waits for anything before checking again.
+const POLL: Duration = Duration::from_millis(200);
+const MSG_LEN: usize = 32;
+const EVENT_PAGEFAULT: u8 = 0x12;
+const EVENT_FORK: u8 = 0x13;
+const EVENT_REMAP: u8 = 0x14;
+const EVENT_REMOVE: u8 = 0x15;
+const EVENT_UNMAP: u8 = 0x16;
+
+/// The planned pages of one source process, as a bitmap over its runs.
+#[derive(Debug, Default)]
+pub struct PendingSet {
+    /// (first address, pages, first bit).
+    runs: Vec<(u64, u32, usize)>,
+    bits: Vec<u64>,
+    left: u64,
+}
+
+impl PendingSet {
+    /// `runs` sorted and disjoint (the receiver checks that).
+    pub fn new(runs: &[PageRun]) -> Self {
+        let mut s = PendingSet::default();
+        let mut bit = 0usize;
+        for r in runs {
+            s.runs.push((r.addr, r.npages, bit));
+            bit += r.npages as usize;
+        }
+        s.bits = vec![u64::MAX; bit.div_ceil(64)];
+        if bit % 64 != 0 {
+            if let Some(last) = s.bits.last_mut() {
+                *last = (1u64 << (bit % 64)) - 1;
+            }
+        }
+        s.left = bit as u64;
+        s
+    }
+
+    fn bit(&self, addr: u64) -> Option<usize> {
+        let i = self.runs.partition_point(|&(a, _, _)| a <= addr);
+        let &(a, n, b) = self.runs.get(i.checked_sub(1)?)?;
+        let k = (addr - a) / PAGE;
+        (k < n as u64).then_some(b + k as usize)
+    }
+
+    pub fn contains(&self, addr: u64) -> bool {
+        self.bit(addr)
+            .is_some_and(|b| self.bits[b / 64] & (1 << (b % 64)) != 0)
+    }
+
+    /// Marks `addr` as arrived; whether it was still planned.
+    pub fn take(&mut self, addr: u64) -> bool {
+        match self.bit(addr) {
+            Some(b) if self.bits[b / 64] & (1 << (b % 64)) != 0 => {
+                self.bits[b / 64] &= !(1 << (b % 64));
+                self.left -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn left(&self) -> u64 {
+        self.left
+    }
+}
+
+/// Pages decoded from one batch: `data` holds the contents of the `Data`
+/// items back to back.
+#[derive(Debug, Default)]
+pub struct Arrival {
+    pub vpid: i32,
+    pub items: Vec<Item>,
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Item {
+    Data { addr: u64, off: usize },
+    Zero { addr: u64, npages: u32 },
+}
+
+pub enum Input {
+    Pages(Arrival),
+    /// The source is gone or gave up.
+    Lost(String),
+}
+
+/// Where network threads put what they received; wakes the pager.
+#[derive(Clone)]
+pub struct Inbox {
+    tx: mpsc::Sender<Input>,
+    wake: Arc<UnixStream>,
+}
+
+impl Inbox {
+    pub fn send(&self, input: Input) {
+        if self.tx.send(input).is_ok() {
+            let _ = (&*self.wake).write(&[1]);
+        }
+    }
+}
+
+/// Decodes a page batch into an [`Arrival`] (checks as the receiver does).
+pub fn decode_batch(dec: &mut BatchDecoder, payload: &[u8]) -> Result<Arrival, WireError> {
+    let mut a = Arrival::default();
+    let h = dec.decode(payload, |_, page| {
+        match page {
+            Page::Data { addr, bytes } => {
+                a.items.push(Item::Data {
+                    addr,
+                    off: a.data.len(),
+                });
+                a.data.extend_from_slice(bytes);
+            }
+            Page::Zero { addr, npages } | Page::Absent { addr, npages } => {
+                a.items.push(Item::Zero { addr, npages })
+            }
+        }
+        Ok(())
+    })?;
+    a.vpid = h.pid;
+    Ok(a)
+}
+
+/// A userfaultfd context: a restored process, or a child it forked during
+/// post-copy (which inherited the parent's missing pages).
+struct Space {
+    fd: Arc<OwnedFd>,
+    reader: File,
+    /// The source process whose pages fill it.
+    vpid: i32,
+    /// mremaps seen: pages of `[from, end)` now live at `to..`.
+    moves: Vec<(u64, u64, u64)>,
+    /// Local ranges dropped or unmapped since the resume: never filled.
+    gone: Vec<(u64, u64)>,
+    dead: bool,
+}
+
+impl Space {
+    fn new(fd: Arc<OwnedFd>, vpid: i32) -> Result<Self, MigrateError> {
+        let reader = fd
+            .try_clone()
+            .map(File::from)
+            .map_err(|e| io_err("duplicating a userfaultfd", e))?;
+        Ok(Space {
+            fd,
+            reader,
+            vpid,
+            moves: Vec::new(),
+            gone: Vec::new(),
+            dead: false,
+        })
+    }
+
+    fn to_local(&self, addr: u64) -> u64 {
+        let mut a = addr;
+        for &(from, end, to) in &self.moves {
+            if a >= from && a < end {
+                a = a - from + to;
+            }
+        }
+        a
+    }
+
+    fn to_source(&self, addr: u64) -> u64 {
+        let mut a = addr;
+        for &(from, end, to) in self.moves.iter().rev() {
+            if a >= to && a < to + (end - from) {
+                a = a - to + from;
+            }
+        }
+        a
+    }
+
+    fn is_gone(&self, addr: u64) -> bool {
+        self.gone.iter().any(|&(s, e)| addr >= s && addr < e)
+    }
+
+    fn drop_range(&mut self, start: u64, end: u64) {
+        if start < end {
+            self.gone.push((start, end));
+        }
+    }
+
+    fn remap(&mut self, from: u64, to: u64, len: u64) {
+        // What was dropped inside the old range moves along; whatever was
+        // dropped where the pages land no longer applies.
+        let mut gone = Vec::with_capacity(self.gone.len());
+        for &(s, e) in &self.gone {
+            let (s2, e2) = (s.max(from), e.min(from + len));
+            if s2 < e2 {
+                gone.push((s2 - from + to, e2 - from + to));
+            }
+            for (a, b) in [(s, e.min(from)), (s.max(from + len), e)] {
+                if a < b {
+                    subtract(&mut gone, a, b, to, to + len);
+                }
+            }
+        }
+        self.gone = gone;
+        self.moves.push((from, from + len, to));
+    }
+}
+
+/// Pushes `[a, b)` minus `[x, y)` onto `out`.
+fn subtract(out: &mut Vec<(u64, u64)>, a: u64, b: u64, x: u64, y: u64) {
+    if b <= x || a >= y {
+        out.push((a, b));
+        return;
+    }
+    if a < x {
+        out.push((a, x));
+    }
+    if b > y {
+        out.push((y, b));
+    }
+}
+
+fn io_err(what: &str, source: std::io::Error) -> MigrateError {
+    MigrateError::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+/// Sends control messages to the source (on the main connection).
+pub type SendFn = Box<dyn FnMut(&[crate::wire::Message]) -> Result<(), MigrateError> + Send>;
+
+/// The target's post-copy state.
+pub struct Pager {
+    spaces: Vec<Space>,
+    pending: HashMap<i32, PendingSet>,
+    /// Planned pages requested from the source: (vpid, addr) → when the
+    /// first fault on it was read.
+    awaiting: HashMap<(i32, u64), Instant>,
+    latencies_us: Vec<f64>,
+    remote_faults: u64,
+    local_faults: u64,
+    placed: u64,
+    /// Fills that met EAGAIN (an unread event): (space, local addr, data or zero).
+    retry: Vec<(usize, u64, Option<Box<[u8; PAGE_SIZE]>>)>,
+    rx: mpsc::Receiver<Input>,
+    wake: UnixStream,
+    send: SendFn,
+    /// The job's root (for the final freeze) and the pid to kill it by.
+    root: i32,
+    kill_pid: i32,
+    resumed: Instant,
+    last_page: Option<Instant>,
+    requests: Vec<PageRequest>,
+}
+
+impl Pager {
+    /// A pager for the restored job's `spaces` and the source's `plans`.
+    pub fn new(
+        spaces: Vec<RegisteredSpace>,
+        plans: &[crate::wire::messages::PostcopyPlan],
+        root: i32,
+        kill_pid: i32,
+        send: SendFn,
+    ) -> Result<(Pager, Inbox), MigrateError> {
+        let (tx, rx) = mpsc::channel();
+        let (a, b) = UnixStream::pair().map_err(|e| io_err("socketpair", e))?;
+        a.set_nonblocking(true)
+            .map_err(|e| io_err("socketpair", e))?;
+        b.set_nonblocking(true)
+            .map_err(|e| io_err("socketpair", e))?;
+        let mut pending: HashMap<i32, PendingSet> = HashMap::new();
+        let mut runs: HashMap<i32, Vec<PageRun>> = HashMap::new();
+        for p in plans {
+            runs.entry(p.pid).or_default().extend_from_slice(&p.runs);
+        }
+        for (vpid, r) in runs {
+            pending.insert(vpid, PendingSet::new(&r));
+        }
+        let spaces = spaces
+            .into_iter()
+            .map(|s| Space::new(s.uffd, s.vpid))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((
+            Pager {
+                spaces,
+                pending,
+                awaiting: HashMap::new(),
+                latencies_us: Vec::new(),
+                remote_faults: 0,
+                local_faults: 0,
+                placed: 0,
+                retry: Vec::new(),
+                rx,
+                wake: a,
+                send,
+                root,
+                kill_pid,
+                resumed: Instant::now(),
+                last_page: None,
+                requests: Vec::new(),
+            },
+            Inbox {
+                tx,
+                wake: Arc::new(b),
+            },
+        ))
+    }
+
+    fn left(&self) -> u64 {
+        self.pending.values().map(PendingSet::left).sum()
+    }
+
+    /// Serves until every planned page is in place (or the job ended).
+    /// If the source is lost first, the job is killed and the reason
+    /// returned: it must never run on with pages it does not have.
+    pub fn run(mut self) -> Result<PostcopyDone, MigrateError> {
+        self.resumed = Instant::now();
+        let out = self.serve();
+        if let Err(e) = &out {
+            tracing::warn!(
+                pid = self.root,
+                "post-copy failed ({e}): killing the restored job"
+            );
+            let _ = sys::kill(self.kill_pid, libc::SIGKILL);
+            return out;
+        }
+        let done = out?;
+        self.release();
+        let msg = crate::wire::Message::PostcopyDone(done);
+        (self.send)(std::slice::from_ref(&msg))?;
+        Ok(done)
+    }
+
+    fn serve(&mut self) -> Result<PostcopyDone, MigrateError> {
+        let mut buf = vec![0u8; MSG_LEN * 64];
+        let mut pfds: Vec<libc::pollfd> = Vec::new();
+        let mut job_ended = false;
+        loop {
+            if self.left() == 0 && self.retry.is_empty() {
+                break;
+            }
+            if self.spaces.iter().all(|s| s.dead) {
+                job_ended = true;
+                break;
+            }
+            pfds.clear();
+            pfds.push(libc::pollfd {
+                fd: self.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            for s in &self.spaces {
+                pfds.push(libc::pollfd {
+                    fd: if s.dead { -1 } else { s.fd.as_raw_fd() },
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            sys::poll(&mut pfds, POLL.as_millis() as i32).map_err(|e| io_err("poll", e))?;
+            // Events first: a fill must never land after an unread event.
+            for i in 0..self.spaces.len() {
+                if !self.spaces[i].dead {
+                    self.read_events(i, &mut buf)?;
+                }
+            }
+            self.flush_requests()?;
+            self.retry_fills();
+            let mut drain = [0u8; 256];
+            while matches!((&self.wake).read(&mut drain), Ok(n) if n > 0) {}
+            loop {
+                match self.rx.try_recv() {
+                    Ok(Input::Pages(a)) => self.place(a),
+                    Ok(Input::Lost(why)) => {
+                        return Err(MigrateError::Stream(format!(
+                            "the source was lost with {} pages still there: {why}",
+                            self.left()
+                        )))
+                    }
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        return Err(MigrateError::Stream(format!(
+                            "the connection to the source ended with {} pages still there",
+                            self.left()
+                        )))
+                    }
+                }
+            }
+        }
+        let lat = &mut self.latencies_us;
+        lat.sort_by(|a, b| a.total_cmp(b));
+        let pct = |q: f64| -> f64 {
+            if lat.is_empty() {
+                0.0
+            } else {
+                lat[((lat.len() - 1) as f64 * q).round() as usize]
+            }
+        };
+        Ok(PostcopyDone {
+            remote_faults: self.remote_faults,
+            local_faults: self.local_faults,
+            fault_latency_p50_us: pct(0.5),
+            fault_latency_p99_us: pct(0.99),
+            fault_latency_max_us: lat.last().copied().unwrap_or(0.0),
+            last_page_ms: self
+                .last_page
+                .unwrap_or_else(Instant::now)
+                .duration_since(self.resumed)
+                .as_secs_f64()
+                * 1e3,
+            pages_placed: self.placed,
+            job_ended,
+        })
+    }
+
+    fn flush_requests(&mut self) -> Result<(), MigrateError> {
+        if self.requests.is_empty() {
+            return Ok(());
+        }
+        let msgs: Vec<crate::wire::Message> = self
+            .requests
+            .drain(..)
+            .map(crate::wire::Message::PageRequest)
+            .collect();
+        (self.send)(&msgs)
+    }
+
+    fn read_events(&mut self, i: usize, buf: &mut [u8]) -> Result<(), MigrateError> {
+        loop {
+            let n = match self.spaces[i].reader.read(buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!("userfaultfd read: {e}");
+                    self.spaces[i].dead = true;
+                    return Ok(());
+                }
+            };
+            if n == 0 {
+                return Ok(());
+            }
+            for m in buf[..n].chunks_exact(MSG_LEN) {
+                self.on_event(i, m)?;
+            }
+            if n < buf.len() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn on_event(&mut self, i: usize, m: &[u8]) -> Result<(), MigrateError> {
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&m[o..o + 8]);
+            u64::from_ne_bytes(b)
+        };
+        match m[0] {
+            EVENT_PAGEFAULT => {
+                let addr = u64_at(16) & !(PAGE - 1);
+                self.on_fault(i, addr);
+            }
+            EVENT_FORK => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(&m[8..12]);
+                let fd = sys::adopt_fork_uffd(u32::from_ne_bytes(b))
+                    .map_err(|e| io_err("userfaultfd of a forked child", e))?;
+                let parent = &self.spaces[i];
+                let mut child = Space::new(Arc::new(fd), parent.vpid)?;
+                child.moves = parent.moves.clone();
+                child.gone = parent.gone.clone();
+                tracing::debug!(vpid = parent.vpid, "the job forked during post-copy");
+                self.spaces.push(child);
+            }
+            EVENT_REMAP => {
+                let (from, to, len) = (u64_at(8), u64_at(16), u64_at(24));
+                self.spaces[i].remap(from, to, len);
+            }
+            EVENT_REMOVE | EVENT_UNMAP => {
+                let (start, end) = (u64_at(8), u64_at(16));
+                self.spaces[i].drop_range(start, end);
+            }
+            other => tracing::debug!("userfaultfd event {other:#x} ignored"),
+        }
+        Ok(())
+    }
+
+    fn on_fault(&mut self, i: usize, addr: u64) {
+        let s = &self.spaces[i];
+        let src = s.to_source(addr);
+        let planned =
+            !s.is_gone(addr) && self.pending.get(&s.vpid).is_some_and(|p| p.contains(src));
+        if planned {
+            let key = (s.vpid, src);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.awaiting.entry(key) {
+                e.insert(Instant::now());
+                self.remote_faults += 1;
+                self.requests.push(PageRequest {
+                    pid: s.vpid,
+                    addr: src,
+                    npages: 1,
+                });
+            }
+            return;
+        }
+        self.local_faults += 1;
+        let fd = s.fd.clone();
+        self.fill(i, addr, None, &fd);
+    }
+
+    /// Fills one page of space `i` (zero when `data` is None).
+    fn fill(&mut self, i: usize, addr: u64, data: Option<&[u8]>, fd: &OwnedFd) {
+        let r = match data {
+            Some(d) => uffd::copy(fd.as_fd(), addr, d, 0),
+            None => uffd::zeropage(fd.as_fd(), addr, PAGE, 0),
+        };
+        match r {
+            Ok(_) => {}
+            Err(e) => match e.error.raw_os_error() {
+                // Already there (e.g. filled by a racing fault): wake
+                // anyone waiting on it.
+                Some(libc::EEXIST) => {
+                    let _ = uffd::wake(fd.as_fd(), addr, PAGE);
+                }
+                Some(libc::EAGAIN) => {
+                    let page = data.map(|d| {
+                        let mut b = Box::new([0u8; PAGE_SIZE]);
+                        b.copy_from_slice(d);
+                        b
+                    });
+                    self.retry.push((i, addr, page));
+                }
+                Some(libc::ESRCH) => self.spaces[i].dead = true,
+                // Unmapped or unregistered meanwhile: nothing to fill.
+                _ => tracing::debug!("fill {addr:#x}: {e}"),
+            },
+        }
+    }
+
+    fn retry_fills(&mut self) {
+        for (i, addr, data) in std::mem::take(&mut self.retry) {
+            if self.spaces[i].dead || self.spaces[i].is_gone(addr) {
+                continue;
+            }
+            let fd = self.spaces[i].fd.clone();
+            self.fill(i, addr, data.as_deref().map(|d| &d[..]), &fd);
+        }
+    }
+
+    fn place(&mut self, a: Arrival) {
+        let now = Instant::now();
+        let Some(pending) = self.pending.get_mut(&a.vpid) else {
+            return;
+        };
+        // Pages still planned, as (addr, data offset or None for zero).
+        let mut todo: Vec<(u64, Option<usize>)> = Vec::with_capacity(a.items.len());
+        for it in &a.items {
+            match *it {
+                Item::Data { addr, off } => {
+                    if pending.take(addr) {
+                        todo.push((addr, Some(off)));
+                    }
+                }
+                Item::Zero { addr, npages } => {
+                    for k in 0..npages as u64 {
+                        if pending.take(addr + k * PAGE) {
+                            todo.push((addr + k * PAGE, None));
+                        }
+                    }
+                }
+            }
+        }
+        if todo.is_empty() {
+            return;
+        }
+        self.placed += todo.len() as u64;
+        self.last_page = Some(now);
+        for i in 0..self.spaces.len() {
+            if self.spaces[i].vpid != a.vpid || self.spaces[i].dead {
+                continue;
+            }
+            let fd = self.spaces[i].fd.clone();
+            let mut k = 0;
+            while k < todo.len() {
+                // Contiguous data pages go in one UFFDIO_COPY.
+                let (addr, off) = todo[k];
+                let mut n = 1;
+                if let Some(off) = off {
+                    while k + n < todo.len()
+                        && todo[k + n].0 == addr + n as u64 * PAGE
+                        && todo[k + n].1 == Some(off + n * PAGE_SIZE)
+                    {
+                        n += 1;
+                    }
+                }
+                let s = &self.spaces[i];
+                let local = s.to_local(addr);
+                let contiguous = s.moves.is_empty() && s.gone.is_empty();
+                if n > 1 && contiguous {
+                    self.copy_run(i, local, &a.data[off.unwrap_or(0)..][..n * PAGE_SIZE], &fd);
+                } else {
+                    for j in 0..n {
+                        let (addr, off) = todo[k + j];
+                        let local = self.spaces[i].to_local(addr);
+                        if self.spaces[i].is_gone(local) {
+                            continue;
+                        }
+                        let data = off.map(|o| &a.data[o..o + PAGE_SIZE]);
+                        self.fill(i, local, data, &fd);
+                    }
+                }
+                k += n;
+            }
+        }
+        for (addr, _) in todo {
+            if let Some(t) = self.awaiting.remove(&(a.vpid, addr)) {
+                self.latencies_us
+                    .push(now.duration_since(t).as_secs_f64() * 1e6);
+            }
+        }
+    }
+
+    fn copy_run(&mut self, i: usize, addr: u64, data: &[u8], fd: &OwnedFd) {
+        let mut done = 0usize;
+        while done < data.len() {
+            match uffd::copy(fd.as_fd(), addr + done as u64, &data[done..], 0) {
+                Ok(n) => done += (n as usize).max(PAGE_SIZE).min(data.len() - done),
+                Err(e) => {
+                    done += e.done as usize;
+                    if done >= data.len() {
+                        break;
+                    }
+                    // One page at a time from here (EEXIST, EAGAIN, ...).
+                    let at = addr + done as u64;
+                    let page = &data[done..done + PAGE_SIZE];
+                    self.fill(i, at, Some(page), fd);
+                    done += PAGE_SIZE;
+                }
+            }
+        }
+    }
+
+    /// The last page is in: close the job's own reference to every
+    /// userfaultfd (a moment under ptrace) and drop ferry's, which
+    /// unregisters the areas. Faults during that moment get zero pages (no
+    /// page is planned any more).
+    fn release(&mut self) {
+        let stop = Arc::new(AtomicBool::new(false));
+        let fds: Vec<Arc<OwnedFd>> = self.spaces.iter().map(|s| s.fd.clone()).collect();
+        let server = {
+            let stop = stop.clone();
+            let fds = fds.clone();
+            std::thread::Builder::new()
+                .name("ferry-zero-faults".into())
+                .spawn(move || serve_zero_faults(&fds, &stop))
+                .ok()
+        };
+        if let Err(e) = close_job_references(self.root, &fds) {
+            // The job keeps a descriptor with nothing registered: harmless
+            // but visible to a later checkpoint.
+            tracing::warn!(pid = self.root, "closing the job's userfaultfd: {e}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        if let Some(h) = server {
+            let _ = h.join();
+        }
+        self.spaces.clear();
+    }
+}
+
+/// Answers every fault with a zero page until `stop` (see [`Pager::release`]).
+fn serve_zero_faults(fds: &[Arc<OwnedFd>], stop: &AtomicBool) {
+    let mut readers: Vec<File> = fds
+        .iter()
+        .filter_map(|f| f.try_clone().ok().map(File::from))
+        .collect();
+    let mut buf = [0u8; MSG_LEN * 16];
+    let mut pfds: Vec<libc::pollfd> = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        pfds.clear();
+        pfds.extend(readers.iter().map(|r| libc::pollfd {
+            fd: r.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
+        if sys::poll(&mut pfds, 10).is_err() {
+            return;
+        }
+        for (k, r) in readers.iter_mut().enumerate() {
+            if pfds[k].revents == 0 {
+                continue;
+            }
+            while let Ok(n) = r.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                for m in buf[..n].chunks_exact(MSG_LEN) {
+                    if m[0] == EVENT_PAGEFAULT {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&m[16..24]);
+                        let addr = u64::from_ne_bytes(b) & !(PAGE - 1);
+                        if uffd::zeropage(r.as_fd(), addr, PAGE, 0).is_err() {
+                            let _ = uffd::wake(r.as_fd(), addr, PAGE);
+                        }
+                    } else if m[0] == EVENT_FORK {
+                        let mut b = [0u8; 4];
+                        b.copy_from_slice(&m[8..12]);
+                        drop(sys::adopt_fork_uffd(u32::from_ne_bytes(b)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Closes, in every process of the job, the descriptors that refer to one
+/// of `fds` (the job's own references: the one made at restore, and copies
+/// its children inherited).
+fn close_job_references(root: i32, fds: &[Arc<OwnedFd>]) -> Result<(), MigrateError> {
+    let me = sys::getpid();
+    let tree = FrozenTree::freeze(root)?;
+    let res = (|| -> Result<(), MigrateError> {
+        for task in &tree.tasks {
+            let Some(frozen) = &task.frozen else { continue };
+            let Some(&tid) = frozen.order.first() else {
+                continue;
+            };
+            let mut doomed = Vec::new();
+            let dir = format!("/proc/{}/fd", task.pid);
+            let Ok(rd) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                    continue;
+                };
+                let is_uffd = std::fs::read_link(e.path())
+                    .map(|l| l.to_string_lossy().contains("userfaultfd"))
+                    .unwrap_or(false);
+                if is_uffd
+                    && fds.iter().any(|f| {
+                        sys::kcmp_same_file(task.pid, n, me, f.as_raw_fd()).unwrap_or(false)
+                    })
+                {
+                    doomed.push(n);
+                }
+            }
+            if doomed.is_empty() {
+                continue;
+            }
+            let gadget = remote::find_vdso_gadget(task.pid)?;
+            let mut r = Remote::new(tid, gadget)?;
+            for fd in doomed {
+                let _ = r.syscall("close", libc::SYS_close, &[fd as u64]);
+            }
+            r.finish()?;
+        }
+        Ok(())
+    })();
+    tree.thaw()?;
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(addr: u64, npages: u32) -> PageRun {
+        PageRun { addr, npages }
+    }
+
+    #[test]
+    fn pending_set_takes_each_page_once() {
+        let mut p = PendingSet::new(&[run(0x1000, 3), run(0x10000, 70)]);
+        assert_eq!(p.left(), 73);
+        assert!(p.contains(0x2000));
+        assert!(!p.contains(0x4000));
+        assert!(!p.contains(0x0));
+        assert!(p.take(0x2000));
+        assert!(!p.take(0x2000));
+        assert!(!p.contains(0x2000));
+        assert!(p.take(0x10000 + 69 * PAGE));
+        assert!(!p.contains(0x10000 + 70 * PAGE));
+        assert_eq!(p.left(), 71);
+        for k in 0..70 {
+            p.take(0x10000 + k * PAGE);
+        }
+        p.take(0x1000);
+        p.take(0x3000);
+        assert_eq!(p.left(), 0);
+    }
+
+    #[test]
+    fn remaps_translate_both_ways_and_carry_dropped_ranges() {
+        let (a, b) = UnixStream::pair().unwrap();
+        drop(b);
+        let fd: OwnedFd = a.into();
+        let mut s = Space::new(Arc::new(fd), 1).unwrap();
+        s.drop_range(0x11000, 0x12000);
+        s.remap(0x10000, 0x50000, 0x4000);
+        assert_eq!(s.to_local(0x10000), 0x50000);
+        assert_eq!(s.to_local(0x13000), 0x53000);
+        assert_eq!(s.to_local(0x14000), 0x14000);
+        assert_eq!(s.to_source(0x52000), 0x12000);
+        assert!(s.is_gone(0x51000));
+        assert!(!s.is_gone(0x11000) || s.gone.iter().all(|&(x, _)| x != 0x11000));
+        s.drop_range(0x60000, 0x70000);
+        s.remap(0x80000, 0x60000, 0x1000);
+        assert!(!s.is_gone(0x60000));
+        assert!(s.is_gone(0x61000));
+    }
+}

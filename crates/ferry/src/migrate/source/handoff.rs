@@ -1,0 +1,390 @@
+//! The source's side of post-copy (and of hybrid, after its live rounds):
+//! with the tree frozen, send the state and only the pages the job needs
+//! first, let the target resume it, then stream the rest in the background
+//! while answering the target's page requests first. The frozen tree is
+//! kept until the target says every page is in place.
+//!
+//! Sent before the resume ("eager"): pages the target cannot leave missing
+//! (those of file-backed and shared areas: userfaultfd MISSING mode takes
+//! private anonymous memory only — KERNEL.md §4) and the pages each thread
+//! touches first (around its stack pointer and instruction pointer).
+
+use super::*;
+use crate::image::{ProcessImage, VmaKind};
+use crate::wire::messages::{PageRun, PostcopyDone, PostcopyPlan, MAX_PLAN_RUNS};
+
+/// Pages below / above a thread's stack pointer sent before the resume.
+const STACK_BELOW: u64 = 1;
+const STACK_ABOVE: u64 = 8;
+/// Pages on each side of a thread's instruction pointer.
+const CODE_AROUND: u64 = 1;
+/// Pages per background batch: small enough that a page request does not
+/// wait long behind one.
+const BG_CHUNK: usize = 32;
+
+pub(super) struct Handoff {
+    pub target_pid: i32,
+    pub restore_ms: f64,
+    pub threads: usize,
+    pub processes: usize,
+    pub resume: Duration,
+    pub done: PostcopyDone,
+    pub before: u64,
+    pub after: u64,
+}
+
+/// What is left of one process after the resume.
+struct Rest {
+    pid: i32,
+    vpid: i32,
+    pages: Vec<u64>,
+    sent: Vec<bool>,
+    cursor: usize,
+    left: usize,
+}
+
+enum FromTarget {
+    Request(wire::messages::PageRequest),
+    Done(PostcopyDone),
+    Lost(String),
+}
+
+/// Whether the target must have `addr` of `p` before the job resumes.
+fn eager(p: &ProcessImage, addr: u64) -> bool {
+    let i = p.vmas.partition_point(|v| v.end <= addr);
+    let anon_private = p
+        .vmas
+        .get(i)
+        .is_some_and(|v| v.start <= addr && !v.shared && matches!(v.kind, VmaKind::Anon { .. }));
+    if !anon_private {
+        return true;
+    }
+    p.threads.iter().any(|t| {
+        let sp = t.regs.rsp & !(PAGE - 1);
+        let ip = t.regs.rip & !(PAGE - 1);
+        (addr + STACK_BELOW * PAGE >= sp && addr <= sp + STACK_ABOVE * PAGE)
+            || (addr + CODE_AROUND * PAGE >= ip && addr <= ip + CODE_AROUND * PAGE)
+    })
+}
+
+fn runs_of(pages: &[u64]) -> Vec<PageRun> {
+    let mut runs: Vec<PageRun> = Vec::new();
+    for &a in pages {
+        match runs.last_mut() {
+            Some(r) if r.addr + r.npages as u64 * PAGE == a && r.npages < u32::MAX => r.npages += 1,
+            _ => runs.push(PageRun { addr: a, npages: 1 }),
+        }
+    }
+    runs
+}
+
+/// With `tree` frozen: eager pages, state, plan, commit; then the post-copy
+/// phase until the target has every page.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn handoff(
+    tree: &FrozenTree,
+    links: &mut Links,
+    work: &ImageDir,
+    tracked: &mut [Tracked],
+    rounds: &mut Vec<RoundReport>,
+    round: u32,
+    wire_round: u32,
+    resent_total: &mut u64,
+    t_freeze: Instant,
+    cancel: &AtomicBool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Handoff, MigrateError> {
+    // What the target does not have yet, per process: as a stop-and-copy
+    // would send it.
+    let mut left: Vec<(i32, i32, Vec<u64>)> = Vec::new();
+    let mut ranges = Vec::new();
+    for t in tracked.iter_mut() {
+        let areas = track::read_areas(t.pid)?;
+        t.tracker.harvest(&areas, &mut ranges)?;
+        expand(&ranges, &mut t.pending);
+        t.tracker.stop()?;
+        shmem_pages(t.pid, &mut t.pending)?;
+        t.pending.sort_unstable();
+        t.pending.dedup();
+        drop_unsendable(&areas, &mut t.pending);
+        *resent_total += count_common(&t.last_sent, &t.pending);
+        left.push((t.pid, t.vpid, std::mem::take(&mut t.pending)));
+    }
+    for task in &tree.tasks {
+        if task.frozen.is_none() || tracked.iter().any(|t| t.pid == task.pid) {
+            continue;
+        }
+        let maps = proc::read_smaps(task.pid)?;
+        let mut pages = Vec::new();
+        wanted_pages(task.pid, &maps, &mut pages)?;
+        left.push((task.pid, tree.vpid_of(task.pid), pages));
+    }
+    let (mut inv, maps_of) = checkpoint::capture_state(tree, work)?;
+    let threads = inv.processes.iter().map(|p| p.threads.len()).sum();
+    let processes = inv.processes.len();
+    for (task, (p, maps)) in tree
+        .tasks
+        .iter()
+        .zip(inv.processes.iter_mut().zip(&maps_of))
+    {
+        if let Some(maps) = maps {
+            p.vmas = ckmem::layout(task.pid, maps)?;
+        }
+    }
+    // Split into what goes now and what is planned.
+    let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
+    let mut plans = Vec::new();
+    let mut rest = Vec::new();
+    let mut before = 0u64;
+    for (pid, vpid, pages) in left {
+        let Some(p) = inv.processes.iter().find(|p| p.pid == vpid) else {
+            continue;
+        };
+        let (now, later): (Vec<u64>, Vec<u64>) = pages.into_iter().partition(|&a| eager(p, a));
+        before += now.len() as u64;
+        links.send(pid, vpid, wire_round, &now, &mut split)?;
+        if !later.is_empty() {
+            let runs = runs_of(&later);
+            for chunk in runs.chunks(MAX_PLAN_RUNS) {
+                plans.push(PostcopyPlan {
+                    pid: vpid,
+                    runs: chunk.to_vec(),
+                });
+            }
+            rest.push(Rest {
+                pid,
+                vpid,
+                sent: vec![false; later.len()],
+                left: later.len(),
+                pages: later,
+                cursor: 0,
+            });
+        }
+    }
+    let batches = links.end_round()?;
+    let t = t_freeze.elapsed();
+    links.send_msg(&Message::RoundEnd(wire::messages::RoundEnd {
+        round: wire_round,
+        pages_sent: before,
+        dirty_count: 0,
+        last: true,
+        batches,
+    }))?;
+    rounds.push(RoundReport {
+        round,
+        dirty_pages: 0,
+        pages_sent: before,
+        bytes_sent: before * PAGE,
+        duration_ms: t.as_secs_f64() * 1e3,
+        bandwidth: 0.0,
+        estimated_downtime_ms: 0.0,
+        frozen: true,
+    });
+    let blobs: Vec<Vec<u8>> = inv
+        .blobs
+        .iter()
+        .map(|b| work.read_blob(b))
+        .collect::<Result<_, _>>()?;
+    links.send_msg(&Message::FinalState(Box::new(inv)))?;
+    send_blobs(links, &blobs)?;
+    for p in plans {
+        links.send_msg(&Message::PostcopyPlan(p))?;
+    }
+    links.send_msg(&Message::Commit)?;
+    let _ = links
+        .r
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(600)));
+    let restored = match await_outcome(links)? {
+        Outcome::Restored(x) => x,
+        Outcome::Failed(reason) => {
+            return Err(MigrateError::Refused(format!(
+                "the target could not restore the job: {reason}"
+            )))
+        }
+    };
+    let resume = t_freeze.elapsed();
+    let after: u64 = rest.iter().map(|r| r.pages.len() as u64).sum();
+    progress(&Progress {
+        round: round + 1,
+        dirty_pages: after,
+        pages_sent: 0,
+        bandwidth: 0.0,
+        estimated_downtime: Duration::ZERO,
+        phase: "post-copy",
+    });
+    let done = stream_rest(links, rest, wire_round + 1, cancel)?;
+    links.send_msg(&Message::Ack)?;
+    Ok(Handoff {
+        target_pid: restored.pid,
+        restore_ms: restored.restore_ms as f64,
+        threads,
+        processes,
+        resume,
+        done,
+        before,
+        after,
+    })
+}
+
+pub(super) fn send_blobs(links: &mut Links, blobs: &[Vec<u8>]) -> Result<(), MigrateError> {
+    for (i, data) in blobs.iter().enumerate() {
+        let mut off = 0usize;
+        loop {
+            let end = (off + wire::messages::BLOB_CHUNK).min(data.len());
+            links.send_msg(&Message::Blob(wire::messages::BlobChunk {
+                index: i as u32,
+                offset: off as u64,
+                data: data[off..end].to_vec(),
+            }))?;
+            off = end;
+            if off >= data.len() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The post-copy phase: background pages in address order from where the
+/// job last faulted, requested pages first, until the target is done.
+fn stream_rest(
+    links: &mut Links,
+    mut rest: Vec<Rest>,
+    round: u32,
+    cancel: &AtomicBool,
+) -> Result<PostcopyDone, MigrateError> {
+    let sock = links
+        .r
+        .get_ref()
+        .try_clone()
+        .map_err(|e| MigrateError::Io {
+            what: "socket".into(),
+            source: e,
+        })?;
+    let mut reader = std::mem::replace(&mut links.r, FrameReader::new(sock));
+    let (tx, rx) = mpsc::channel();
+    let lenient = true;
+    std::thread::Builder::new()
+        .name("ferry-postcopy-rx".into())
+        .spawn(move || loop {
+            let m = match wire::source::read_message(&mut reader, lenient) {
+                Ok(Message::PageRequest(r)) => FromTarget::Request(r),
+                Ok(Message::PostcopyDone(d)) => {
+                    let _ = tx.send(FromTarget::Done(d));
+                    return;
+                }
+                Ok(Message::Pong { .. }) => continue,
+                Ok(Message::Abort { reason }) | Ok(Message::Error { message: reason }) => {
+                    FromTarget::Lost(format!("the target gave up: {reason}"))
+                }
+                Ok(m) => FromTarget::Lost(format!("unexpected {} from the target", m.frame_type())),
+                Err(e) => FromTarget::Lost(e.to_string()),
+            };
+            let end = matches!(m, FromTarget::Lost(_));
+            if tx.send(m).is_err() || end {
+                return;
+            }
+        })
+        .map_err(|e| MigrateError::Io {
+            what: "starting the post-copy reader".into(),
+            source: e,
+        })?;
+    let mut total: usize = rest.iter().map(|r| r.left).sum();
+    let mut current = 0usize;
+    let mut chunk: Vec<u64> = Vec::with_capacity(BG_CHUNK);
+    let lost = |why: String| {
+        MigrateError::Stream(format!(
+            "post-copy failed, the target kills its copy: {why}"
+        ))
+    };
+    loop {
+        // Requests first.
+        let mut wait = if total == 0 {
+            Some(Duration::from_secs(600))
+        } else {
+            None
+        };
+        loop {
+            let m = match wait.take() {
+                Some(d) => rx
+                    .recv_timeout(d)
+                    .map_err(|_| lost("no answer from the target".into()))?,
+                None => match rx.try_recv() {
+                    Ok(m) => m,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        return Err(lost("connection closed".into()))
+                    }
+                },
+            };
+            match m {
+                FromTarget::Request(q) => {
+                    let Some(i) = rest.iter().position(|r| r.vpid == q.pid) else {
+                        continue;
+                    };
+                    let r = &mut rest[i];
+                    chunk.clear();
+                    for k in 0..q.npages.min(64) as u64 {
+                        let a = q.addr + k * PAGE;
+                        if let Ok(j) = r.pages.binary_search(&a) {
+                            if !r.sent[j] {
+                                r.sent[j] = true;
+                                r.left -= 1;
+                                total -= 1;
+                                chunk.push(a);
+                            }
+                            if k == 0 {
+                                // The background continues from here.
+                                r.cursor = j + 1;
+                                current = i;
+                            }
+                        }
+                    }
+                    if !chunk.is_empty() {
+                        links.main.send(r.pid, r.vpid, round, &chunk)?;
+                        links.main.end_round()?;
+                    }
+                }
+                FromTarget::Done(d) => return Ok(d),
+                FromTarget::Lost(why) => return Err(lost(why)),
+            }
+        }
+        if cancel.load(Ordering::Relaxed) {
+            return Err(MigrateError::Cancelled);
+        }
+        if total == 0 {
+            continue;
+        }
+        // One background batch.
+        while rest[current].left == 0 {
+            current = (current + 1) % rest.len();
+        }
+        let r = &mut rest[current];
+        chunk.clear();
+        let n = r.pages.len();
+        while chunk.len() < BG_CHUNK && r.left > 0 {
+            if r.cursor >= n {
+                if !chunk.is_empty() {
+                    // A batch's addresses must increase.
+                    break;
+                }
+                r.cursor = 0;
+            }
+            let j = r.cursor;
+            r.cursor += 1;
+            if !r.sent[j] {
+                r.sent[j] = true;
+                r.left -= 1;
+                total -= 1;
+                chunk.push(r.pages[j]);
+            } else if !chunk.is_empty() {
+                // Keep a batch contiguous in address order.
+                break;
+            }
+        }
+        let bg = links.bg.as_mut().unwrap_or(&mut links.main);
+        bg.send(r.pid, r.vpid, round, &chunk)?;
+        bg.end_round()?;
+    }
+}
