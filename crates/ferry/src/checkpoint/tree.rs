@@ -8,6 +8,7 @@
 
 use super::{CheckpointError, Frozen};
 use crate::proc;
+use crate::sys;
 use std::collections::HashMap;
 
 /// One process of the tree.
@@ -82,7 +83,13 @@ impl FrozenTree {
                     continue;
                 }
                 added = true;
-                tree.tasks.push(freeze_one(p, p == root)?);
+                match freeze_one(p, p == root) {
+                    Ok(t) => tree.tasks.push(t),
+                    // A child that exited (and was reaped) since it was
+                    // listed is simply not part of the job any more.
+                    Err(CheckpointError::NoProcess { .. }) if p != root && !sys::pid_exists(p) => {}
+                    Err(e) => return Err(e),
+                }
             }
             if !added {
                 break;

@@ -259,6 +259,20 @@ fn io_err(what: &str, source: std::io::Error) -> MigrateError {
     }
 }
 
+/// A fill that met EAGAIN: an event is unread (the kernel's
+/// `mmap_changing`); tried again once the events are read.
+enum Retry {
+    /// A zero page for a fault in one space.
+    Fault { space: usize, addr: u64 },
+    /// A page from the source: into *every* space of its process, since
+    /// the unread event may be the fork of a child that lacks it too.
+    Page {
+        vpid: i32,
+        src: u64,
+        data: Option<Box<[u8; PAGE_SIZE]>>,
+    },
+}
+
 /// Sends control messages to the source (on the main connection).
 pub type SendFn = Box<dyn FnMut(&[crate::wire::Message]) -> Result<(), MigrateError> + Send>;
 
@@ -274,7 +288,7 @@ pub struct Pager {
     local_faults: u64,
     placed: u64,
     /// Fills that met EAGAIN (an unread event): (space, local addr, data or zero).
-    retry: Vec<(usize, u64, Option<Box<[u8; PAGE_SIZE]>>)>,
+    retry: Vec<Retry>,
     rx: mpsc::Receiver<Input>,
     wake: UnixStream,
     send: SendFn,
@@ -354,7 +368,7 @@ impl Pager {
                 pid = self.root,
                 "post-copy failed ({e}): killing the restored job"
             );
-            let _ = sys::kill(self.kill_pid, libc::SIGKILL);
+            self.kill_job();
             return out;
         }
         let done = out?;
@@ -443,6 +457,25 @@ impl Pager {
             pages_placed: self.placed,
             job_ended,
         })
+    }
+
+    /// Kills every process of the job and waits until they are dead
+    /// before ferry's userfaultfd descriptors may close: a forked child's
+    /// context is held by ferry alone, and closing it would let a waiting
+    /// fault go on and read a zero page.
+    fn kill_job(&self) {
+        let _ = sys::kill(self.kill_pid, libc::SIGKILL);
+        let _ = sys::kill(self.root, libc::SIGKILL);
+        // Killing a namespace's init kills everything in it; init becomes
+        // a zombie only once they are all gone.
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            match crate::proc::read_stat(self.kill_pid) {
+                Ok(st) if st.state != 'Z' => std::thread::sleep(Duration::from_millis(2)),
+                _ => return,
+            }
+        }
+        tracing::warn!(pid = self.root, "the killed job did not end within 10 s");
     }
 
     fn flush_requests(&mut self) -> Result<(), MigrateError> {
@@ -537,11 +570,19 @@ impl Pager {
         }
         self.local_faults += 1;
         let fd = s.fd.clone();
-        self.fill(i, addr, None, &fd);
+        self.fill(i, addr, None, None, &fd);
     }
 
-    /// Fills one page of space `i` (zero when `data` is None).
-    fn fill(&mut self, i: usize, addr: u64, data: Option<&[u8]>, fd: &OwnedFd) {
+    /// Fills one page of space `i` (zero when `data` is None); `src` is
+    /// (process, source address) for a page from the source.
+    fn fill(
+        &mut self,
+        i: usize,
+        addr: u64,
+        src: Option<(i32, u64)>,
+        data: Option<&[u8]>,
+        fd: &OwnedFd,
+    ) {
         let r = match data {
             Some(d) => uffd::copy(fd.as_fd(), addr, d, 0),
             None => uffd::zeropage(fd.as_fd(), addr, PAGE, 0),
@@ -554,14 +595,17 @@ impl Pager {
                 Some(libc::EEXIST) => {
                     let _ = uffd::wake(fd.as_fd(), addr, PAGE);
                 }
-                Some(libc::EAGAIN) => {
-                    let page = data.map(|d| {
-                        let mut b = Box::new([0u8; PAGE_SIZE]);
-                        b.copy_from_slice(d);
-                        b
-                    });
-                    self.retry.push((i, addr, page));
-                }
+                Some(libc::EAGAIN) => match src {
+                    Some((vpid, src)) => {
+                        let data = data.map(|d| {
+                            let mut b = Box::new([0u8; PAGE_SIZE]);
+                            b.copy_from_slice(d);
+                            b
+                        });
+                        self.retry.push(Retry::Page { vpid, src, data });
+                    }
+                    None => self.retry.push(Retry::Fault { space: i, addr }),
+                },
                 Some(libc::ESRCH) => self.spaces[i].dead = true,
                 // Unmapped or unregistered meanwhile: nothing to fill.
                 _ => tracing::debug!("fill {addr:#x}: {e}"),
@@ -570,12 +614,37 @@ impl Pager {
     }
 
     fn retry_fills(&mut self) {
-        for (i, addr, data) in std::mem::take(&mut self.retry) {
-            if self.spaces[i].dead || self.spaces[i].is_gone(addr) {
-                continue;
+        for r in std::mem::take(&mut self.retry) {
+            match r {
+                Retry::Fault { space, addr } => {
+                    let s = &self.spaces[space];
+                    if s.dead || s.is_gone(addr) {
+                        continue;
+                    }
+                    let fd = s.fd.clone();
+                    self.fill(space, addr, None, None, &fd);
+                }
+                Retry::Page { vpid, src, data } => {
+                    for j in 0..self.spaces.len() {
+                        let s = &self.spaces[j];
+                        if s.dead || s.vpid != vpid {
+                            continue;
+                        }
+                        let local = s.to_local(src);
+                        if s.is_gone(local) {
+                            continue;
+                        }
+                        let fd = s.fd.clone();
+                        self.fill(
+                            j,
+                            local,
+                            Some((vpid, src)),
+                            data.as_deref().map(|d| &d[..]),
+                            &fd,
+                        );
+                    }
+                }
             }
-            let fd = self.spaces[i].fd.clone();
-            self.fill(i, addr, data.as_deref().map(|d| &d[..]), &fd);
         }
     }
 
@@ -629,7 +698,13 @@ impl Pager {
                 let local = s.to_local(addr);
                 let contiguous = s.moves.is_empty() && s.gone.is_empty();
                 if n > 1 && contiguous {
-                    self.copy_run(i, local, &a.data[off.unwrap_or(0)..][..n * PAGE_SIZE], &fd);
+                    self.copy_run(
+                        i,
+                        a.vpid,
+                        local,
+                        &a.data[off.unwrap_or(0)..][..n * PAGE_SIZE],
+                        &fd,
+                    );
                 } else {
                     for j in 0..n {
                         let (addr, off) = todo[k + j];
@@ -638,7 +713,7 @@ impl Pager {
                             continue;
                         }
                         let data = off.map(|o| &a.data[o..o + PAGE_SIZE]);
-                        self.fill(i, local, data, &fd);
+                        self.fill(i, local, Some((a.vpid, addr)), data, &fd);
                     }
                 }
                 k += n;
@@ -652,7 +727,9 @@ impl Pager {
         }
     }
 
-    fn copy_run(&mut self, i: usize, addr: u64, data: &[u8], fd: &OwnedFd) {
+    /// Copies contiguous pages to `addr` of space `i`, whose addresses are
+    /// the source's (no remaps there).
+    fn copy_run(&mut self, i: usize, vpid: i32, addr: u64, data: &[u8], fd: &OwnedFd) {
         let mut done = 0usize;
         while done < data.len() {
             match uffd::copy(fd.as_fd(), addr + done as u64, &data[done..], 0) {
@@ -665,7 +742,7 @@ impl Pager {
                     // One page at a time from here (EEXIST, EAGAIN, ...).
                     let at = addr + done as u64;
                     let page = &data[done..done + PAGE_SIZE];
-                    self.fill(i, at, Some(page), fd);
+                    self.fill(i, at, Some((vpid, at)), Some(page), fd);
                     done += PAGE_SIZE;
                 }
             }

@@ -68,6 +68,8 @@ struct Tracked {
     not_present: u64,
     /// Pages sent in the previous round (sorted), to count retransmissions.
     last_sent: Vec<u64>,
+    /// The process exited during the live phase (a short-lived child).
+    gone: bool,
 }
 
 /// The connections of a session.
@@ -390,6 +392,7 @@ fn run(
                 pending,
                 not_present,
                 last_sent: Vec::new(),
+                gone: false,
             });
         }
         Ok((tracked, inv.machine, inv.processes.len() as u32))
@@ -616,7 +619,19 @@ fn precopy(
         // Harvest: what the job wrote since these pages were read.
         let mut dirty = 0u64;
         for t in tracked.iter_mut() {
-            let areas = track::read_areas(t.pid)?;
+            if t.gone {
+                continue;
+            }
+            let areas = match track::read_areas(t.pid) {
+                Ok(a) => a,
+                Err(_) if t.pid != pid && !crate::sys::pid_exists(t.pid) => {
+                    tracing::debug!(pid = t.pid, "process exited during the live phase");
+                    t.gone = true;
+                    t.pending.clear();
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             t.tracker.harvest(&areas, &mut ranges)?;
             // Sorted, disjoint ranges (the Tracker contract): sorted pages.
             expand(&ranges, &mut t.pending);
@@ -813,7 +828,7 @@ fn stop_and_copy(
     let mut ranges = Vec::new();
     let mut pages_sent = 0u64;
     // Last harvest, then tracking off: restore must not see uffd state.
-    for t in tracked.iter_mut() {
+    for t in tracked.iter_mut().filter(|t| !t.gone) {
         let areas = track::read_areas(t.pid)?;
         t.tracker.harvest(&areas, &mut ranges)?;
         expand(&ranges, &mut t.pending);
@@ -826,7 +841,7 @@ fn stop_and_copy(
         t.pending.dedup();
         drop_unsendable(&areas, &mut t.pending);
     }
-    for t in tracked.iter_mut() {
+    for t in tracked.iter_mut().filter(|t| !t.gone) {
         let pages = std::mem::take(&mut t.pending);
         *resent_total += count_common(&t.last_sent, &pages);
         pages_sent += pages.len() as u64;
