@@ -245,7 +245,7 @@ unsafe fn realloc_impl(ptr: *mut c_void, size: usize) -> *mut c_void {
         // the program keeps only [ptr, ptr + size).
         if usable - size >= cfg.min {
             let p = scrub::plan(
-                cfg.mode,
+                scrub::mode_for(cfg, usable - size),
                 start + size,
                 start + usable,
                 0,

@@ -127,6 +127,17 @@ pub(crate) fn plan(
     }
 }
 
+/// The mode to scrub `len` freed bytes with: `release` falls back to
+/// zeroing below `FERRY_ZERO_RELEASE_MIN`.
+#[inline]
+pub(crate) fn mode_for(cfg: &Config, len: usize) -> Mode {
+    if cfg.mode == Mode::Release && len < cfg.release_min {
+        Mode::Zero
+    } else {
+        cfg.mode
+    }
+}
+
 /// Carries out `plan`, counting what was done.
 ///
 /// # Safety
@@ -196,7 +207,7 @@ pub(crate) unsafe fn before_free(cfg: &Config, ptr: *mut c_void) {
     }
     let start = ptr as usize;
     let p = plan(
-        cfg.mode,
+        mode_for(cfg, usable),
         start,
         start + usable,
         FREE_KEEP,

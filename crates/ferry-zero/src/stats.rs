@@ -84,7 +84,8 @@ impl Line {
     }
 }
 
-/// `ferry-zero: mode=release active=1 min=4096 stats=1 chunks=N ...`
+/// `ferry-zero: mode=release active=1 min=4096 release_min=65536 stats=1
+/// chunks=N ...`
 /// (newline-terminated). Counters read 0 unless `FERRY_ZERO_STATS` is set.
 pub(crate) fn line() -> Line {
     let mut l = Line {
@@ -95,10 +96,11 @@ pub(crate) fn line() -> Line {
         Some(c) => {
             let _ = write!(
                 l,
-                "ferry-zero: mode={} active={} min={} realloc={} stats={}",
+                "ferry-zero: mode={} active={} min={} release_min={} realloc={} stats={}",
                 c.mode.name(),
                 u8::from(c.active),
                 c.min,
+                c.release_min,
                 if c.realloc_copy { "copy" } else { "native" },
                 u8::from(c.stats)
             );
