@@ -60,7 +60,7 @@ pub struct Args {
     #[arg(long, default_value_t = 256, value_name = "MiB")]
     pub work: u64,
     /// Sweeps over the system per phase.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 300)]
     pub iters: u64,
     /// Links: a tc rate (e.g. 1gbit), none (unshaped veth) or both (=
     /// 1gbit,none); comma-separated.
@@ -75,7 +75,7 @@ pub struct Args {
     )]
     pub controllers: Vec<String>,
     /// Repetitions of every migration run (tables show medians).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=20))]
     pub reps: u32,
     /// Pause after READY before migrating.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
@@ -84,10 +84,10 @@ pub struct Args {
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     pub job_secs: u64,
     /// Phases timed per overhead run (after the warm-up phase).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 2)]
     pub overhead_phases: u64,
     /// Runs per configuration for the overhead measurements (medians).
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub overhead_reps: u32,
     /// Threads of the malloc microbenchmark.
     #[arg(long, default_value_t = 4)]
@@ -948,17 +948,42 @@ fn phases_table(ctx: &Ctx, o: &Outcome, f: &mut Failures, goals: &mut Vec<String
     let mut t = Table::new(&[
         "library",
         "phases wall s (median)",
-        "overhead (wall)",
+        "overhead (median wall)",
+        "phases wall s (min)",
+        "overhead (min wall)",
         "phases CPU s (median)",
-        "overhead (CPU)",
+        "overhead (median CPU)",
         "wall s per run",
     ]);
-    let med = |lib: Lib, g: fn(&Timing) -> f64| {
-        o.phases
-            .get(&lib)
-            .map_or(f64::NAN, |v| util::median(ok(v).into_iter().map(g)))
+    let stat = |lib: Lib, g: fn(&Timing) -> f64, best: bool| {
+        o.phases.get(&lib).map_or(f64::NAN, |v| {
+            let x = ok(v).into_iter().map(g);
+            if best {
+                x.fold(f64::NAN, f64::min)
+            } else {
+                util::median(x)
+            }
+        })
     };
-    let (bw, bc) = (med(Lib::None, |t| t.wall), med(Lib::None, |t| t.cpu));
+    let base = (
+        stat(Lib::None, |t| t.wall, false),
+        stat(Lib::None, |t| t.wall, true),
+        stat(Lib::None, |t| t.cpu, false),
+    );
+    // The spread of the runs without the library: what noise alone does.
+    let spread = o.phases.get(&Lib::None).map_or(f64::NAN, |v| {
+        let w: Vec<f64> = ok(v).into_iter().map(|t| t.wall).collect();
+        let max = w.iter().copied().fold(f64::NAN, f64::max);
+        let min = w.iter().copied().fold(f64::NAN, f64::min);
+        (max - min) / base.0 * 100.0
+    });
+    let vs = |lib: Lib, v: f64, b: f64| {
+        if lib == Lib::None {
+            "–".into()
+        } else {
+            signed_pct(pct_change(v, b))
+        }
+    };
     for lib in LIBS {
         let Some(v) = o.phases.get(&lib) else {
             continue;
@@ -968,7 +993,11 @@ fn phases_table(ctx: &Ctx, o: &Outcome, f: &mut Failures, goals: &mut Vec<String
                 f.add(&format!("phases, {}, rep {}", lib.label(), i + 1), e);
             }
         }
-        let (w, c) = (med(lib, |t| t.wall), med(lib, |t| t.cpu));
+        let (w, wmin, c) = (
+            stat(lib, |t| t.wall, false),
+            stat(lib, |t| t.wall, true),
+            stat(lib, |t| t.cpu, false),
+        );
         let runs: Vec<String> = v
             .iter()
             .map(|r| {
@@ -979,24 +1008,17 @@ fn phases_table(ctx: &Ctx, o: &Outcome, f: &mut Failures, goals: &mut Vec<String
         t.row(vec![
             lib.label().into(),
             format!("{w:.2}"),
-            if lib == Lib::None {
-                "–".into()
-            } else {
-                signed_pct(pct_change(w, bw))
-            },
+            vs(lib, w, base.0),
+            format!("{wmin:.2}"),
+            vs(lib, wmin, base.1),
             format!("{c:.2}"),
-            if lib == Lib::None {
-                "–".into()
-            } else {
-                signed_pct(pct_change(c, bc))
-            },
+            vs(lib, c, base.2),
             runs.join(", "),
         ]);
         if lib != Lib::None {
-            let (ow, oc) = (pct_change(w, bw), pct_change(c, bc));
+            let ow = pct_change(w, base.0);
             goals.push(format!(
-                "overhead on the job, {}: {} — {} wall, {} CPU time (goal: under \
-                 {GOAL_OVERHEAD_PCT} %; medians of {} runs)",
+                "overhead on the job, {}: {} — {} (median wall time of {} runs; best runs {},                  median CPU time {}; the runs without the library alone spread over {:.1} % of                  their median) (goal: under {GOAL_OVERHEAD_PCT} %)",
                 lib.label(),
                 if ow.is_nan() {
                     "not judged"
@@ -1006,8 +1028,10 @@ fn phases_table(ctx: &Ctx, o: &Outcome, f: &mut Failures, goals: &mut Vec<String
                     "NOT MET"
                 },
                 signed_pct(ow),
-                signed_pct(oc),
-                a.overhead_reps
+                a.overhead_reps,
+                signed_pct(pct_change(wmin, base.1)),
+                signed_pct(pct_change(c, base.2)),
+                spread
             ));
         }
     }

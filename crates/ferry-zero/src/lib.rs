@@ -33,18 +33,29 @@
 //!
 //! ## Modes (`FERRY_ZERO`)
 //!
-//! * `release` (default): the whole pages strictly inside the chunk, from
+//! * `release` (default): for a chunk of at least `FERRY_ZERO_RELEASE_MIN`
+//!   usable bytes (64 KiB), the whole pages strictly inside the chunk, from
 //!   the first page boundary at or after `ptr + 32` (glibc writes up to four
 //!   list pointers at the start of a freed chunk) to the last one at or
 //!   before `ptr + usable - 8` (the footer glibc writes into the last usable
 //!   word), are given back with `madvise(MADV_DONTNEED)`: they become absent
 //!   (pagemap bit 63 clear), cost nothing to migrate and read back as
 //!   zeros; the partial pages at both ends are zeroed. If madvise fails
-//!   (e.g. `mlock`ed memory) the pages are zeroed instead.
+//!   (e.g. `mlock`ed memory) the pages are zeroed instead. Smaller chunks
+//!   are zeroed as in `zero` mode: a released page costs a page fault when
+//!   glibc hands it out again, far more than a memset of it, and smaller
+//!   chunks are the ones glibc reuses soonest.
 //! * `zero`: the chunk's usable size (`malloc_usable_size`) is filled with
 //!   zeros before the real `free` — the paper's method. Also touches pages
 //!   the program never did, so large sparse chunks become resident.
 //! * `off`: everything is passed through (measures the interposition).
+//!
+//! Why 4096 for `FERRY_ZERO_MIN`: a chunk smaller than a page holds no
+//! whole page, so scrubbing it alone never turns a page into a zero or
+//! absent one (it only helps when its freed neighbours are scrubbed too, and
+//! lz4 compresses the page a little better); these chunks are also the
+//! bulk of a program's frees and are reused at once (tcache, fast bins).
+//! `FERRY_ZERO_MIN=0` scrubs everything.
 //!
 //! In both active modes the first 16 bytes are left alone: glibc writes its
 //! tcache `next`/`key` or bin `fd`/`bk` words there anyway, and keeping
@@ -80,14 +91,16 @@
 //! * `FERRY_ZERO_REALLOC=native` sends every growth to glibc;
 //! * `realloc(ptr, 0)` frees `ptr` (scrubbed) and returns NULL, like glibc.
 //!
-//! Chunks below `FERRY_ZERO_MIN` are passed through in every case.
+//! Chunks below `FERRY_ZERO_MIN` are passed through in every case; a cut-off
+//! tail shorter than `FERRY_ZERO_RELEASE_MIN` is zeroed, not released.
 //!
 //! ## Environment
 //!
 //! | variable | values | default |
 //! | --- | --- | --- |
 //! | `FERRY_ZERO` | `release`, `zero`, `off` | `release` |
-//! | `FERRY_ZERO_MIN` | bytes: smaller chunks are passed straight to free | 4096 (`release`), 64 (`zero`) |
+//! | `FERRY_ZERO_MIN` | bytes: chunks with a smaller usable size are passed straight to free | 4096 |
+//! | `FERRY_ZERO_RELEASE_MIN` | bytes: `release` mode zeroes chunks (and realloc tails) smaller than this instead of releasing their pages | 65536 |
 //! | `FERRY_ZERO_REALLOC` | `copy` (large growths moved by us), `native` (see above) | `copy` |
 //! | `FERRY_ZERO_STATS` | `1`: keep counters, print them to stderr at exit | off |
 //!
