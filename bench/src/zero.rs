@@ -405,7 +405,7 @@ fn migrate_one(
 // ---- overhead runs ------------------------------------------------------------------
 
 /// One direct (no ferry) run of `program ARGS` with `lib` preloaded, and
-/// extra environment; returns its stdout (it must print `pass`).
+/// extra environment; returns its stdout (it must print `pass`) and stderr.
 fn direct_run(
     ctx: &Ctx,
     program: &Path,
@@ -414,7 +414,7 @@ fn direct_run(
     env: &[(&str, &str)],
     label: &str,
     pass: &str,
-) -> Result<String> {
+) -> Result<(String, String)> {
     let mut cmd = clean(Command::new(program));
     cmd.args(args);
     if let Some(m) = lib.mode() {
@@ -433,7 +433,7 @@ fn direct_run(
             util::indent(out.stderr.trim_end())
         );
     }
-    Ok(out.stdout)
+    Ok((out.stdout, out.stderr))
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -450,7 +450,7 @@ fn phases_timing(ctx: &Ctx, lib: Lib, rep: u32) -> Result<Timing> {
         a.iters.to_string(),
         (a.overhead_phases + 1).to_string(),
     ];
-    let out = direct_run(
+    let (out, _) = direct_run(
         ctx,
         &ctx.phases,
         &args,
@@ -468,6 +468,64 @@ fn phases_timing(ctx: &Ctx, lib: Lib, rep: u32) -> Result<Timing> {
         );
     }
     Ok(Timing { wall, cpu })
+}
+
+/// What the library did in one run of the job (FERRY_ZERO_STATS=1).
+#[derive(Clone, Debug)]
+struct LibWork {
+    chunks: u64,
+    bytes_zeroed: u64,
+    pages_released: u64,
+    scrub_ns: u64,
+    /// The job's own run time up to the end of its last phase.
+    run_secs: f64,
+}
+
+/// `KEY=N` from a whitespace-separated line.
+fn field<T: std::str::FromStr>(line: &str, key: &str) -> Option<T> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|v| v.parse().ok())
+}
+
+/// One run of the job with FERRY_ZERO_STATS=1: the library's counters,
+/// among them the time it spent scrubbing (immune to other work on the
+/// machine, unlike the comparison of run times).
+fn lib_work(ctx: &Ctx, lib: Lib) -> Result<LibWork> {
+    let a = ctx.args;
+    let args = [
+        a.live.to_string(),
+        a.work.to_string(),
+        a.iters.to_string(),
+        (a.overhead_phases + 1).to_string(),
+    ];
+    let (out, err) = direct_run(
+        ctx,
+        &ctx.phases,
+        &args,
+        lib,
+        &[("WORKLOAD_SECS", "100000"), ("FERRY_ZERO_STATS", "1")],
+        &format!("phases-stats-{}", lib.label()),
+        "PASS phases",
+    )?;
+    let stats = err
+        .lines()
+        .find(|l| l.starts_with("ferry-zero: mode="))
+        .with_context(|| format!("no ferry-zero statistics line on stderr: {:?}", err.trim()))?;
+    let get = |k: &str| -> Result<u64> {
+        field(stats, k).with_context(|| format!("no {k} in {stats:?}"))
+    };
+    let done = out
+        .lines()
+        .find(|l| l.starts_with("done phases="))
+        .context("no `done` line from phases")?;
+    Ok(LibWork {
+        chunks: get("chunks")?,
+        bytes_zeroed: get("bytes_zeroed")?,
+        pages_released: get("pages_released")?,
+        scrub_ns: get("scrub_ns")?,
+        run_secs: field(done, "secs").context("no secs= in the done line")?,
+    })
 }
 
 /// A microbenchmark configuration: label, library, extra environment.
@@ -502,7 +560,7 @@ fn churn_timing(ctx: &Ctx, config: usize, variant: &str, rep: u32) -> Result<Tim
         ctx.args.churn_ops.to_string(),
         variant.to_string(),
     ];
-    let out = direct_run(
+    let (out, _) = direct_run(
         ctx,
         &ctx.churn,
         &args,
@@ -533,6 +591,7 @@ struct Outcome {
     phases: BTreeMap<Lib, Vec<Result<Timing>>>,
     /// (config index, variant) -> runs
     churn: BTreeMap<(usize, String), Vec<Result<Timing>>>,
+    lib_work: BTreeMap<Lib, Result<LibWork>>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -645,6 +704,16 @@ fn overhead(ctx: &Ctx, o: &mut Outcome) -> Result<()> {
             }
             o.phases.entry(lib).or_default().push(r);
         }
+    }
+    for lib in [Lib::Zero, Lib::Release] {
+        let r = migrate::interruptible(lib_work(ctx, lib))?;
+        if let Err(e) = &r {
+            eprintln!(
+                "zero: phases with FERRY_ZERO_STATS, {} FAILED: {e:#}",
+                lib.label()
+            );
+        }
+        o.lib_work.insert(lib, r);
     }
     for variant in ["full", "touch"] {
         for rep in 1..=a.overhead_reps {
@@ -1035,17 +1104,63 @@ fn phases_table(ctx: &Ctx, o: &Outcome, f: &mut Failures, goals: &mut Vec<String
             ));
         }
     }
+    let mut w = Table::new(&[
+        "library",
+        "chunks scrubbed",
+        "zeroed",
+        "released",
+        "time scrubbing s",
+        "run s",
+        "scrubbing ÷ run",
+    ]);
+    for (lib, r) in &o.lib_work {
+        match r {
+            Err(e) => {
+                w.row(vec![lib.label().into(), "FAILED".into()]);
+                f.add(&format!("phases with FERRY_ZERO_STATS, {}", lib.label()), e);
+            }
+            Ok(x) => {
+                let share = x.scrub_ns as f64 / 1e9 / x.run_secs * 100.0;
+                w.row(vec![
+                    lib.label().into(),
+                    x.chunks.to_string(),
+                    report::bytes(x.bytes_zeroed),
+                    report::bytes(x.pages_released * 4096),
+                    format!("{:.3}", x.scrub_ns as f64 / 1e9),
+                    format!("{:.2}", x.run_secs),
+                    format!("{share:.2} %"),
+                ]);
+                goals.push(format!(
+                    "time the library spent scrubbing in the job, {}: {share:.2} % of the run \
+                     (FERRY_ZERO_STATS; {})",
+                    lib.label(),
+                    if *lib == Lib::Release {
+                        "the page faults on released pages that glibc hands out again come on \
+                         top; in this job the heap is trimmed after every phase, so the next \
+                         phase faults its arrays in with or without the library"
+                    } else {
+                        "memset of every freed chunk of 4 KiB or more"
+                    }
+                ));
+            }
+        }
+    }
     format!(
         "### Overhead on the job\n\n`phases {} {} {} {}` run directly (no ferry), {} runs per \
          configuration, interleaved; time of phases 2..{} (after the warm-up phase and READY, \
-         without setup and the final check):\n\n{}\n",
+         without setup and the final check):\n\n{}\n\
+         What the library did in one more run of each mode with FERRY_ZERO_STATS=1 (whole run: \
+         setup, warm-up and {} phases; run s = the job's time to the end of its last phase; \
+         time scrubbing = the clock around every chunk's zeroing and madvise):\n\n{}\n",
         a.live,
         a.work,
         a.iters,
         a.overhead_phases + 1,
         a.overhead_reps,
         a.overhead_phases + 1,
-        t.markdown()
+        t.markdown(),
+        a.overhead_phases,
+        w.markdown()
     )
 }
 

@@ -106,8 +106,11 @@
 //!
 //! The counters are also available to the program through
 //! `size_t ferry_zero_stats(char *buf, size_t len)`, which writes one line
-//! (`ferry-zero: mode=.. chunks=N bytes_zeroed=N pages_released=N ..`, NUL
-//! terminated, truncated to `len`) and returns its full length. A program
+//! (`ferry-zero: mode=.. chunks=N bytes_zeroed=N pages_released=N ..
+//! scrub_ns=N`, NUL
+//! terminated, truncated to `len`) and returns its full length. `scrub_ns`
+//! is the time spent zeroing and releasing (a clock read per scrubbed
+//! chunk, only with `FERRY_ZERO_STATS`). A program
 //! that leaves with `_exit` never prints the at-exit line.
 //!
 //! ## Cost

@@ -144,6 +144,7 @@ pub(crate) fn mode_for(cfg: &Config, len: usize) -> Mode {
 /// Every byte of the plan's ranges must belong to one allocation the caller
 /// owns and is about to give back (nothing else may access it meanwhile).
 pub(crate) unsafe fn apply(cfg: &Config, plan: &Plan) {
+    let t0 = stats::clock(cfg);
     // SAFETY: zero_head is within the caller's allocation (contract).
     unsafe { zero(cfg, &plan.zero_head) };
     if !plan.release.is_empty() {
@@ -165,6 +166,7 @@ pub(crate) unsafe fn apply(cfg: &Config, plan: &Plan) {
     }
     // SAFETY: zero_tail is within the caller's allocation (contract).
     unsafe { zero(cfg, &plan.zero_tail) };
+    stats::add_since(cfg, Stat::ScrubNs, t0);
 }
 
 /// # Safety
