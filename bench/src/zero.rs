@@ -1087,7 +1087,9 @@ fn phases_table(ctx: &Ctx, o: &Outcome, f: &mut Failures, goals: &mut Vec<String
         if lib != Lib::None {
             let ow = pct_change(w, base.0);
             goals.push(format!(
-                "overhead on the job, {}: {} — {} (median wall time of {} runs; best runs {},                  median CPU time {}; the runs without the library alone spread over {:.1} % of                  their median) (goal: under {GOAL_OVERHEAD_PCT} %)",
+                "overhead on the job, {}: {} — {} (median wall time of {} runs; best runs {}, \
+                 median CPU time {}; the runs without the library alone spread over {:.1} % \
+                 of their median) (goal: under {GOAL_OVERHEAD_PCT} %)",
                 lib.label(),
                 if ow.is_nan() {
                     "not judged"
