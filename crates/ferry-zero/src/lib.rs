@@ -115,22 +115,35 @@
 //!
 //! ## Cost
 //!
-//! `zero` costs a memset of every freed chunk (glibc's `MALLOC_PERTURB_`
-//! does the same). `release` costs a madvise per freed chunk with a whole
-//! page, and then a page fault for every released page the heap hands out
-//! again: glibc reuses freed heap memory quickly, so a program that keeps
-//! freeing and reallocating multi-page blocks pays a fault per page per
-//! cycle, which glibc's heap exists to avoid. Measured on the 2-vCPU test
-//! VM (faults ~2.5 us/page there) with `tests/c/zero_bench.c`, 10M mixed
-//! malloc/free (80 % <= 512 B, 5 % 16-256 KiB, one byte written per page)
-//! on 2 threads: `off` ~1x, `zero` ~3x, `release` ~30x the time without
-//! the library; `release` with `FERRY_ZERO_MIN=65536` still ~22x. Jobs
-//! that churn large heap blocks should use `zero`; `release` suits jobs
-//! that free big blocks they do not soon reallocate (and it is the only
-//! mode that also lowers the resident size and never touches untouched
-//! pages).
+//! Frees below `FERRY_ZERO_MIN` (most frees of most programs) cost a read
+//! of the chunk header and a compare. `zero` costs a memset of every freed
+//! chunk from 4 KiB up (glibc's `MALLOC_PERTURB_` does the same for all of
+//! them). `release` costs that memset below 64 KiB and a madvise per
+//! larger chunk, and then a page fault for every released page that the
+//! heap hands out again (~2.5 us per page on the 2-vCPU test VM, several
+//! times a memset of the page): glibc reuses freed heap memory quickly, so
+//! a program that keeps freeing and reallocating big blocks pays a fault
+//! per page per cycle. `release` is the only mode that lowers the resident
+//! size, never touches pages the program left untouched, and makes the
+//! pages absent (not sent at all) rather than zero (sent as a flag).
 //!
-//! ## Limits
+//! Measured with `ferry-bench zero` (bench/RESULTS.md; release build,
+//! 2-vCPU VM shared with other work):
+//!
+//! * a solver-like job (`bench/workloads/phases.c`: 256 MiB live, 256 MiB
+//!   of 8 MiB temporaries freed per ~3 s phase): the library spent 0.36 %
+//!   (`zero`) and 0.60 % (`release`) of the run scrubbing (`scrub_ns`);
+//!   the run times with and without it differ by less than the noise of
+//!   the machine;
+//! * a malloc microbenchmark (`bench/workloads/churn.c`: 4 threads, sizes
+//!   16 B-64 KiB log-uniform, a block freed per malloc): the interposition
+//!   alone (`off`) ~1.0-1.2x; `zero`/`release` ~1.4-1.6x when the program
+//!   writes its blocks and ~3.5x when it only touches them (the memset then
+//!   is most of the work); `FERRY_ZERO_MIN=0` ~1.75x/~3.9x;
+//!   `FERRY_ZERO_MIN=65536` ~0.9-1.1x/~1.4x. Before the size floors,
+//!   `tests/c/zero_bench.c` measured `zero` ~3x and `release` ~30x.
+//!
+//! //! ## Limits
 //!
 //! * glibc malloc only: if `free`, `realloc`, `malloc` or
 //!   `malloc_usable_size` come from another object (jemalloc, tcmalloc,

@@ -532,9 +532,9 @@ fn bench_malloc_heavy() {
         ("off (interposition only)", true, &[("FERRY_ZERO", "off")]),
         ("zero", true, &[("FERRY_ZERO", "zero")]),
         (
-            "zero, min 4096",
+            "zero, min 64 (old default)",
             true,
-            &[("FERRY_ZERO", "zero"), ("FERRY_ZERO_MIN", "4096")],
+            &[("FERRY_ZERO", "zero"), ("FERRY_ZERO_MIN", "64")],
         ),
         ("release", true, &[("FERRY_ZERO", "release")]),
         (
