@@ -19,6 +19,7 @@ mod migrate;
 mod report;
 mod tree;
 mod util;
+mod zero;
 
 #[derive(Parser)]
 #[command(
@@ -35,7 +36,8 @@ exit path, including Ctrl-C; all waits are bounded.",
 cargo build --release -p ferry-cli -p ferry-bench\n  \
 sudo target/release/ferry-bench cr --sizes 16,1024 --reps 3 --record\n  \
 sudo target/release/ferry-bench tree --reps 3 --record\n  \
-sudo target/release/ferry-bench migrate --record"
+sudo target/release/ferry-bench migrate --record\n  \
+sudo target/release/ferry-bench zero --record"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -53,6 +55,9 @@ enum Cmd {
     /// Live migration between two network namespaces: downtime, slowdown, patterns.
     #[command(long_about = migrate::LONG_ABOUT)]
     Migrate(migrate::Args),
+    /// The freed-memory library: its effect on live migration, its overhead.
+    #[command(long_about = zero::LONG_ABOUT)]
+    Zero(zero::Args),
 }
 
 fn main() -> ExitCode {
@@ -78,5 +83,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Cr(args) => cr::run(&args),
         Cmd::Tree(args) => tree::run(&args),
         Cmd::Migrate(args) => migrate::run(&args),
+        Cmd::Zero(args) => zero::run(&args),
     }
 }

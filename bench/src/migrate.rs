@@ -123,9 +123,9 @@ const GOAL_SLOWDOWN_PCT: f64 = 10.0;
 /// Page streaming goal, bytes per second.
 const GOAL_STREAM_BPS: f64 = 1e9;
 /// The tc qdisc of a shaped link (the rate is inserted).
-const TBF: [&str; 4] = ["burst", "256kb", "latency", "50ms"];
+pub(crate) const TBF: [&str; 4] = ["burst", "256kb", "latency", "50ms"];
 /// Port of the agent on the veth (B) and of the loopback agent (A).
-const PORT_VETH: u16 = 7707;
+pub(crate) const PORT_VETH: u16 = 7707;
 const PORT_LOOPBACK: u16 = 7708;
 
 // ---- workloads -------------------------------------------------------------------
@@ -237,21 +237,21 @@ fn workloads(args: &Args) -> Result<Vec<Workload>> {
 // ---- links ---------------------------------------------------------------------
 
 #[derive(Clone, Debug, PartialEq)]
-enum Link {
+pub(crate) enum Link {
     /// tbf at this rate (tc syntax) on both veth ends.
     Shaped(String),
     Unshaped,
 }
 
 impl Link {
-    fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self {
             Link::Shaped(r) => format!("veth, tbf {r}"),
             Link::Unshaped => "veth, unshaped".into(),
         }
     }
 
-    fn slug(&self) -> String {
+    pub(crate) fn slug(&self) -> String {
         match self {
             Link::Shaped(r) => r.clone(),
             Link::Unshaped => "none".into(),
@@ -259,7 +259,7 @@ impl Link {
     }
 }
 
-fn links(spec: &str) -> Result<Vec<Link>> {
+pub(crate) fn links(spec: &str) -> Result<Vec<Link>> {
     let mut out = Vec::new();
     for s in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let add: Vec<Link> = match s {
@@ -290,7 +290,7 @@ const NETNS_DIR: &str = "/run/netns";
 const NS_PREFIX: &str = "fbench-";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Ns {
+pub(crate) enum Ns {
     A,
     B,
 }
@@ -309,7 +309,7 @@ struct NetNs {
 /// only inside them), loopback up in both. Dropping it kills everything
 /// that runs in either namespace, reaps what became our child and deletes
 /// both namespaces (which destroys the veth pair).
-struct Nodes {
+pub(crate) struct Nodes {
     ns: Vec<NetNs>,
     subnet: String,
     scratch: PathBuf,
@@ -317,7 +317,7 @@ struct Nodes {
 }
 
 impl Nodes {
-    fn new(scratch: &Path) -> Result<Self> {
+    pub(crate) fn new(scratch: &Path) -> Result<Self> {
         clean_stale_namespaces(scratch);
         let me = std::process::id();
         let k = 1 + me % 250;
@@ -385,13 +385,13 @@ impl Nodes {
         }]
     }
 
-    fn addr_b(&self, port: u16) -> String {
+    pub(crate) fn addr_b(&self, port: u16) -> String {
         format!("{}.2:{port}", self.subnet)
     }
 
     /// Shapes both veth ends with tbf at `link`'s rate, or removes the
     /// shaping.
-    fn set_link(&mut self, link: &Link) -> Result<()> {
+    pub(crate) fn set_link(&mut self, link: &Link) -> Result<()> {
         for (ns, dev) in [(Ns::A, "veth-a"), (Ns::B, "veth-b")] {
             let name = self.get(ns).name.clone();
             match link {
@@ -421,7 +421,7 @@ impl Nodes {
     }
 
     /// `tc qdisc show` of both veth ends, for the record.
-    fn qdiscs(&self) -> String {
+    pub(crate) fn qdiscs(&self) -> String {
         let mut out = Vec::new();
         for (ns, dev) in [(Ns::A, "veth-a"), (Ns::B, "veth-b")] {
             let name = &self.get(ns).name;
@@ -439,7 +439,7 @@ impl Nodes {
     /// (setns(2)) and marks every inherited descriptor above 2
     /// close-on-exec (ferry refuses to migrate jobs holding pipes or
     /// sockets to the outside).
-    fn command(&self, ns: Ns, program: &Path) -> Command {
+    pub(crate) fn command(&self, ns: Ns, program: &Path) -> Command {
         let fd = self.get(ns).file.as_raw_fd();
         let mut cmd = Command::new(program);
         // SAFETY: setns and close_range are async-signal-safe syscalls; fd
@@ -463,14 +463,14 @@ impl Nodes {
     }
 
     /// Whether `pid` runs in namespace `ns`.
-    fn holds(&self, ns: Ns, pid: i32) -> bool {
+    pub(crate) fn holds(&self, ns: Ns, pid: i32) -> bool {
         netns_of(pid) == Some(self.get(ns).id)
     }
 
     /// SIGKILLs every process in either namespace except `keep`, reaps the
     /// ones that are (or became) our children, and waits until none is
     /// left (bounded).
-    fn kill_all(&self, keep: &[i32]) -> Result<()> {
+    pub(crate) fn kill_all(&self, keep: &[i32]) -> Result<()> {
         let ids: Vec<(u64, u64)> = self.ns.iter().map(|n| n.id).collect();
         kill_in_namespaces(&ids, keep)
     }
@@ -631,29 +631,44 @@ fn clean_stale_namespaces(scratch: &Path) {
 
 /// A `ferry agent` running in one namespace; killed (with its process
 /// group) and reaped on drop.
-struct Agent {
+pub(crate) struct Agent {
     guard: util::ChildGuard,
-    pid: i32,
-    addr: String,
+    pub(crate) pid: i32,
+    pub(crate) addr: String,
     log: PathBuf,
 }
 
 impl Agent {
     fn start(ctx: &Ctx, nodes: &Nodes, ns: Ns, addr: &str, name: &str) -> Result<Self> {
+        Self::spawn(&ctx.ferry, &ctx.work, &ctx.token, nodes, ns, addr, name)
+    }
+
+    /// Starts `ferry agent --listen ADDR --token-file TOKEN` in `ns`, its
+    /// log and work directory named after `name` under `scratch`, and
+    /// waits (bounded) until it listens.
+    pub(crate) fn spawn(
+        ferry: &Path,
+        scratch: &Path,
+        token: &Path,
+        nodes: &Nodes,
+        ns: Ns,
+        addr: &str,
+        name: &str,
+    ) -> Result<Self> {
         util::check_interrupted()?;
-        let log = ctx.work.join(format!("{name}.log"));
-        let work = ctx.work.join(name);
+        let log = scratch.join(format!("{name}.log"));
+        let work = scratch.join(name);
         let out = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .with_context(|| format!("create {}", log.display()))?;
-        let mut cmd = nodes.command(ns, &ctx.ferry);
+        let mut cmd = nodes.command(ns, ferry);
         cmd.arg("agent")
             .arg("--listen")
             .arg(addr)
             .arg("--token-file")
-            .arg(&ctx.token)
+            .arg(token)
             .arg("--work-dir")
             .arg(&work)
             .stdin(Stdio::null())
@@ -696,7 +711,7 @@ impl Agent {
         }
     }
 
-    fn check_alive(&mut self) -> Result<()> {
+    pub(crate) fn check_alive(&mut self) -> Result<()> {
         if !self.guard.running()? {
             bail!(
                 "the agent at {} exited ({}); its log:\n{}",
@@ -715,71 +730,73 @@ impl Agent {
 
 #[derive(serde::Deserialize, Debug, Clone)]
 #[allow(dead_code)] // fields kept for completeness of the report format
-struct MigrateJson {
-    pid: i32,
+pub(crate) struct MigrateJson {
+    pub(crate) pid: i32,
     #[serde(default)]
-    target: String,
-    target_pid: i32,
+    pub(crate) target: String,
+    pub(crate) target_pid: i32,
     #[serde(default)]
-    processes: u64,
+    pub(crate) processes: u64,
     #[serde(default)]
-    threads: u64,
-    controller: String,
-    pattern: Option<String>,
-    stop_reason: String,
-    downtime_ms: f64,
-    total_ms: f64,
+    pub(crate) threads: u64,
+    pub(crate) controller: String,
+    pub(crate) pattern: Option<String>,
+    pub(crate) stop_reason: String,
+    pub(crate) downtime_ms: f64,
+    pub(crate) total_ms: f64,
     #[serde(default)]
-    restore_ms: f64,
+    pub(crate) restore_ms: f64,
     #[serde(default)]
-    live_ms: f64,
-    bytes_sent: u64,
-    memory_bytes: u64,
-    pages: MigPages,
-    rounds: Vec<RoundJson>,
+    pub(crate) live_ms: f64,
+    pub(crate) bytes_sent: u64,
+    pub(crate) memory_bytes: u64,
+    pub(crate) pages: MigPages,
+    pub(crate) rounds: Vec<RoundJson>,
     #[serde(default)]
-    compression: String,
+    pub(crate) compression: String,
     #[serde(default)]
-    streams: u64,
+    pub(crate) streams: u64,
     #[serde(default)]
-    tracker: String,
+    pub(crate) tracker: String,
 }
 
 #[derive(serde::Deserialize, Debug, Clone, Default)]
 #[allow(dead_code)]
-struct MigPages {
+pub(crate) struct MigPages {
     #[serde(default)]
-    zero: u64,
+    pub(crate) zero: u64,
     #[serde(default)]
-    raw: u64,
+    pub(crate) raw: u64,
     #[serde(default)]
-    lz4: u64,
+    pub(crate) lz4: u64,
     #[serde(default)]
-    zstd: u64,
+    pub(crate) zstd: u64,
     #[serde(default)]
-    absent: u64,
+    pub(crate) absent: u64,
     #[serde(default)]
-    resent: u64,
+    pub(crate) resent: u64,
     #[serde(default)]
-    total: u64,
+    pub(crate) total: u64,
+    #[serde(default)]
+    pub(crate) not_present: u64,
 }
 
 #[derive(serde::Deserialize, Debug, Clone)]
 #[allow(dead_code)]
-struct RoundJson {
-    round: u32,
-    dirty_pages: u64,
-    pages_sent: u64,
-    bytes_sent: u64,
-    duration_ms: f64,
-    bandwidth: f64,
+pub(crate) struct RoundJson {
+    pub(crate) round: u32,
+    pub(crate) dirty_pages: u64,
+    pub(crate) pages_sent: u64,
+    pub(crate) bytes_sent: u64,
+    pub(crate) duration_ms: f64,
+    pub(crate) bandwidth: f64,
     #[serde(default)]
-    estimated_downtime_ms: f64,
-    frozen: bool,
+    pub(crate) estimated_downtime_ms: f64,
+    pub(crate) frozen: bool,
 }
 
 impl MigrateJson {
-    fn live_rounds(&self) -> usize {
+    pub(crate) fn live_rounds(&self) -> usize {
         self.rounds.iter().filter(|r| !r.frozen).count()
     }
 
@@ -790,7 +807,7 @@ impl MigrateJson {
             && (self.controller == "adaptive" || self.controller.starts_with("downtime"))
     }
 
-    fn short_reason(&self) -> String {
+    pub(crate) fn short_reason(&self) -> String {
         let r = self.stop_reason.as_str();
         let s = if let Some(p) = &self.pattern {
             return format!("pattern {p}");
@@ -925,7 +942,7 @@ impl Ticks {
     }
 }
 
-fn realtime() -> f64 {
+pub(crate) fn realtime() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
@@ -997,9 +1014,9 @@ impl RunResult {
 
 /// Kills everything but the agents in both namespaces when dropped: no job
 /// (source or restored copy) outlives its run.
-struct RunCleanup<'a> {
-    nodes: &'a Nodes,
-    keep: Vec<i32>,
+pub(crate) struct RunCleanup<'a> {
+    pub(crate) nodes: &'a Nodes,
+    pub(crate) keep: Vec<i32>,
 }
 
 impl Drop for RunCleanup<'_> {
@@ -1280,7 +1297,7 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn write_token(path: &Path) -> Result<()> {
+pub(crate) fn write_token(path: &Path) -> Result<()> {
     let mut bytes = [0u8; 32];
     File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
@@ -1427,7 +1444,7 @@ fn benchmark(ctx: &Ctx, links: Vec<Link>, wls: Vec<Workload>) -> Result<Outcome>
 
 /// Passes a run's result on, except an interruption (Ctrl-C), which ends
 /// the benchmark.
-fn interruptible<T>(r: Result<T>) -> Result<Result<T>> {
+pub(crate) fn interruptible<T>(r: Result<T>) -> Result<Result<T>> {
     match r {
         Err(e) if e.downcast_ref::<util::Interrupted>().is_some() => Err(e),
         r => Ok(r),

@@ -48,6 +48,11 @@ pub(crate) struct Config {
     pub(crate) active: bool,
     /// Chunks with a usable size below this are passed straight through.
     pub(crate) min: usize,
+    /// `release` mode: chunks (and realloc tails) with at least this many
+    /// usable bytes have their whole pages released; smaller ones are
+    /// zeroed (a released page costs a page fault when the heap hands it
+    /// out again, a zeroed one only a memset).
+    pub(crate) release_min: usize,
     /// realloc growth beyond the chunk as malloc + copy + scrubbed free
     /// (`FERRY_ZERO_REALLOC=copy`, the default) instead of glibc's realloc.
     pub(crate) realloc_copy: bool,
@@ -197,9 +202,24 @@ fn parse_usize(s: &[u8]) -> Option<usize> {
     })
 }
 
-/// Default `FERRY_ZERO_MIN` per mode.
-pub(crate) const DEFAULT_MIN_ZERO: usize = 64;
-pub(crate) const DEFAULT_MIN_RELEASE: usize = 4096;
+/// Default `FERRY_ZERO_MIN` (both modes): a chunk smaller than a page
+/// holds no whole page, so scrubbing it alone never makes a page zero or
+/// absent; it only helps together with freed neighbours.
+pub(crate) const DEFAULT_MIN: usize = 4096;
+/// Default `FERRY_ZERO_RELEASE_MIN`.
+pub(crate) const DEFAULT_RELEASE_MIN: usize = 64 << 10;
+
+/// A byte count from the environment variable `name`, `default` when it is
+/// unset or empty (with a note on stderr when it is not a number).
+fn env_bytes(name: &CStr, default: usize, complaint: &[u8]) -> usize {
+    match env(name) {
+        None | Some(b"") => default,
+        Some(s) => parse_usize(s).unwrap_or_else(|| {
+            crate::stats::say(complaint);
+            default
+        }),
+    }
+}
 
 fn resolve() -> Option<Config> {
     let free = lookup(libc::RTLD_NEXT, c"free");
@@ -229,19 +249,16 @@ fn resolve() -> Option<Config> {
             Mode::Release
         }
     };
-    let default_min = match mode {
-        Mode::Zero => DEFAULT_MIN_ZERO,
-        _ => DEFAULT_MIN_RELEASE,
-    };
-    let min = match env(c"FERRY_ZERO_MIN") {
-        None | Some(b"") => default_min,
-        Some(s) => parse_usize(s).unwrap_or_else(|| {
-            crate::stats::say(
-                b"ferry-zero: FERRY_ZERO_MIN is not a byte count, using the default\n",
-            );
-            default_min
-        }),
-    };
+    let min = env_bytes(
+        c"FERRY_ZERO_MIN",
+        DEFAULT_MIN,
+        b"ferry-zero: FERRY_ZERO_MIN is not a byte count, using the default\n",
+    );
+    let release_min = env_bytes(
+        c"FERRY_ZERO_RELEASE_MIN",
+        DEFAULT_RELEASE_MIN,
+        b"ferry-zero: FERRY_ZERO_RELEASE_MIN is not a byte count, using the default\n",
+    );
     let realloc_copy = match env(c"FERRY_ZERO_REALLOC") {
         None | Some(b"") | Some(b"copy") => true,
         Some(b"native") => false,
@@ -265,6 +282,7 @@ fn resolve() -> Option<Config> {
         mode,
         active: glibc && mode != Mode::Off,
         min,
+        release_min,
         realloc_copy,
         stats,
         page,

@@ -33,18 +33,29 @@
 //!
 //! ## Modes (`FERRY_ZERO`)
 //!
-//! * `release` (default): the whole pages strictly inside the chunk, from
+//! * `release` (default): for a chunk of at least `FERRY_ZERO_RELEASE_MIN`
+//!   usable bytes (64 KiB), the whole pages strictly inside the chunk, from
 //!   the first page boundary at or after `ptr + 32` (glibc writes up to four
 //!   list pointers at the start of a freed chunk) to the last one at or
 //!   before `ptr + usable - 8` (the footer glibc writes into the last usable
 //!   word), are given back with `madvise(MADV_DONTNEED)`: they become absent
 //!   (pagemap bit 63 clear), cost nothing to migrate and read back as
 //!   zeros; the partial pages at both ends are zeroed. If madvise fails
-//!   (e.g. `mlock`ed memory) the pages are zeroed instead.
+//!   (e.g. `mlock`ed memory) the pages are zeroed instead. Smaller chunks
+//!   are zeroed as in `zero` mode: a released page costs a page fault when
+//!   glibc hands it out again, far more than a memset of it, and smaller
+//!   chunks are the ones glibc reuses soonest.
 //! * `zero`: the chunk's usable size (`malloc_usable_size`) is filled with
 //!   zeros before the real `free` — the paper's method. Also touches pages
 //!   the program never did, so large sparse chunks become resident.
 //! * `off`: everything is passed through (measures the interposition).
+//!
+//! Why 4096 for `FERRY_ZERO_MIN`: a chunk smaller than a page holds no
+//! whole page, so scrubbing it alone never turns a page into a zero or
+//! absent one (it only helps when its freed neighbours are scrubbed too, and
+//! lz4 compresses the page a little better); these chunks are also the
+//! bulk of a program's frees and are reused at once (tcache, fast bins).
+//! `FERRY_ZERO_MIN=0` scrubs everything.
 //!
 //! In both active modes the first 16 bytes are left alone: glibc writes its
 //! tcache `next`/`key` or bin `fd`/`bk` words there anyway, and keeping
@@ -80,41 +91,59 @@
 //! * `FERRY_ZERO_REALLOC=native` sends every growth to glibc;
 //! * `realloc(ptr, 0)` frees `ptr` (scrubbed) and returns NULL, like glibc.
 //!
-//! Chunks below `FERRY_ZERO_MIN` are passed through in every case.
+//! Chunks below `FERRY_ZERO_MIN` are passed through in every case; a cut-off
+//! tail shorter than `FERRY_ZERO_RELEASE_MIN` is zeroed, not released.
 //!
 //! ## Environment
 //!
 //! | variable | values | default |
 //! | --- | --- | --- |
 //! | `FERRY_ZERO` | `release`, `zero`, `off` | `release` |
-//! | `FERRY_ZERO_MIN` | bytes: smaller chunks are passed straight to free | 4096 (`release`), 64 (`zero`) |
+//! | `FERRY_ZERO_MIN` | bytes: chunks with a smaller usable size are passed straight to free | 4096 |
+//! | `FERRY_ZERO_RELEASE_MIN` | bytes: `release` mode zeroes chunks (and realloc tails) smaller than this instead of releasing their pages | 65536 |
 //! | `FERRY_ZERO_REALLOC` | `copy` (large growths moved by us), `native` (see above) | `copy` |
 //! | `FERRY_ZERO_STATS` | `1`: keep counters, print them to stderr at exit | off |
 //!
 //! The counters are also available to the program through
 //! `size_t ferry_zero_stats(char *buf, size_t len)`, which writes one line
-//! (`ferry-zero: mode=.. chunks=N bytes_zeroed=N pages_released=N ..`, NUL
-//! terminated, truncated to `len`) and returns its full length. A program
+//! (`ferry-zero: mode=.. chunks=N bytes_zeroed=N pages_released=N ..
+//! scrub_ns=N`, NUL
+//! terminated, truncated to `len`) and returns its full length. `scrub_ns`
+//! is the time spent zeroing and releasing (a clock read per scrubbed
+//! chunk, only with `FERRY_ZERO_STATS`). A program
 //! that leaves with `_exit` never prints the at-exit line.
 //!
 //! ## Cost
 //!
-//! `zero` costs a memset of every freed chunk (glibc's `MALLOC_PERTURB_`
-//! does the same). `release` costs a madvise per freed chunk with a whole
-//! page, and then a page fault for every released page the heap hands out
-//! again: glibc reuses freed heap memory quickly, so a program that keeps
-//! freeing and reallocating multi-page blocks pays a fault per page per
-//! cycle, which glibc's heap exists to avoid. Measured on the 2-vCPU test
-//! VM (faults ~2.5 us/page there) with `tests/c/zero_bench.c`, 10M mixed
-//! malloc/free (80 % <= 512 B, 5 % 16-256 KiB, one byte written per page)
-//! on 2 threads: `off` ~1x, `zero` ~3x, `release` ~30x the time without
-//! the library; `release` with `FERRY_ZERO_MIN=65536` still ~22x. Jobs
-//! that churn large heap blocks should use `zero`; `release` suits jobs
-//! that free big blocks they do not soon reallocate (and it is the only
-//! mode that also lowers the resident size and never touches untouched
-//! pages).
+//! Frees below `FERRY_ZERO_MIN` (most frees of most programs) cost a read
+//! of the chunk header and a compare. `zero` costs a memset of every freed
+//! chunk from 4 KiB up (glibc's `MALLOC_PERTURB_` does the same for all of
+//! them). `release` costs that memset below 64 KiB and a madvise per
+//! larger chunk, and then a page fault for every released page that the
+//! heap hands out again (~2.5 us per page on the 2-vCPU test VM, several
+//! times a memset of the page): glibc reuses freed heap memory quickly, so
+//! a program that keeps freeing and reallocating big blocks pays a fault
+//! per page per cycle. `release` is the only mode that lowers the resident
+//! size, never touches pages the program left untouched, and makes the
+//! pages absent (not sent at all) rather than zero (sent as a flag).
 //!
-//! ## Limits
+//! Measured with `ferry-bench zero` (bench/RESULTS.md; release build,
+//! 2-vCPU VM shared with other work):
+//!
+//! * a solver-like job (`bench/workloads/phases.c`: 256 MiB live, 256 MiB
+//!   of 8 MiB temporaries freed per ~3 s phase): the library spent 0.36 %
+//!   (`zero`) and 0.60 % (`release`) of the run scrubbing (`scrub_ns`);
+//!   the run times with and without it differ by less than the noise of
+//!   the machine;
+//! * a malloc microbenchmark (`bench/workloads/churn.c`: 4 threads, sizes
+//!   16 B-64 KiB log-uniform, a block freed per malloc): the interposition
+//!   alone (`off`) ~1.0-1.2x; `zero`/`release` ~1.4-1.6x when the program
+//!   writes its blocks and ~3.5x when it only touches them (the memset then
+//!   is most of the work); `FERRY_ZERO_MIN=0` ~1.75x/~3.9x;
+//!   `FERRY_ZERO_MIN=65536` ~0.9-1.1x/~1.4x. Before the size floors,
+//!   `tests/c/zero_bench.c` measured `zero` ~3x and `release` ~30x.
+//!
+//! //! ## Limits
 //!
 //! * glibc malloc only: if `free`, `realloc`, `malloc` or
 //!   `malloc_usable_size` come from another object (jemalloc, tcmalloc,
@@ -245,7 +274,7 @@ unsafe fn realloc_impl(ptr: *mut c_void, size: usize) -> *mut c_void {
         // the program keeps only [ptr, ptr + size).
         if usable - size >= cfg.min {
             let p = scrub::plan(
-                cfg.mode,
+                scrub::mode_for(cfg, usable - size),
                 start + size,
                 start + usable,
                 0,

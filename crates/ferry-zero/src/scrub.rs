@@ -127,12 +127,24 @@ pub(crate) fn plan(
     }
 }
 
+/// The mode to scrub `len` freed bytes with: `release` falls back to
+/// zeroing below `FERRY_ZERO_RELEASE_MIN`.
+#[inline]
+pub(crate) fn mode_for(cfg: &Config, len: usize) -> Mode {
+    if cfg.mode == Mode::Release && len < cfg.release_min {
+        Mode::Zero
+    } else {
+        cfg.mode
+    }
+}
+
 /// Carries out `plan`, counting what was done.
 ///
 /// # Safety
 /// Every byte of the plan's ranges must belong to one allocation the caller
 /// owns and is about to give back (nothing else may access it meanwhile).
 pub(crate) unsafe fn apply(cfg: &Config, plan: &Plan) {
+    let t0 = stats::clock(cfg);
     // SAFETY: zero_head is within the caller's allocation (contract).
     unsafe { zero(cfg, &plan.zero_head) };
     if !plan.release.is_empty() {
@@ -154,6 +166,7 @@ pub(crate) unsafe fn apply(cfg: &Config, plan: &Plan) {
     }
     // SAFETY: zero_tail is within the caller's allocation (contract).
     unsafe { zero(cfg, &plan.zero_tail) };
+    stats::add_since(cfg, Stat::ScrubNs, t0);
 }
 
 /// # Safety
@@ -196,7 +209,7 @@ pub(crate) unsafe fn before_free(cfg: &Config, ptr: *mut c_void) {
     }
     let start = ptr as usize;
     let p = plan(
-        cfg.mode,
+        mode_for(cfg, usable),
         start,
         start + usable,
         FREE_KEEP,

@@ -290,6 +290,7 @@ fn workloads_pass_in_release_mode() {
         let s = r.stats();
         assert_eq!(s["mode"], "release");
         assert_eq!(s["min"], "4096");
+        assert_eq!(s["release_min"], "65536");
         assert_eq!(s["active"], "1");
         assert!(num(&s, "pages_released") > 1000, "{name}: {s:?}");
         assert!(num(&s, "skipped_small") > 0, "{name}: {s:?}");
@@ -369,12 +370,22 @@ fn freed_memory_is_stale_without_the_library() {
 fn freed_memory_reads_back_as_zero_in_zero_mode() {
     let _g = shared();
     let m = probe(true, &[("FERRY_ZERO", "zero")]);
-    for (case, [pages, present, _, nonzero]) in &m {
-        assert_eq!(*nonzero, 0, "{case}: {m:?}");
+    for (case, [pages, present, bytes, nonzero]) in &m {
+        if case.starts_with("free-3k") || case.starts_with("free-200") {
+            // Below FERRY_ZERO_MIN (4096 by default): passed straight to free.
+            assert_eq!(nonzero, bytes, "{case}: {m:?}");
+        } else {
+            assert_eq!(*nonzero, 0, "{case}: {m:?}");
+        }
         // Zeroed, not released: the pages stay resident.
         assert_eq!(present, pages, "{case}: {m:?}");
     }
     assert!(m["free-1m"][0] >= 250, "{m:?}");
+    // With no minimum, every chunk is zeroed.
+    let m = probe(true, &[("FERRY_ZERO", "zero"), ("FERRY_ZERO_MIN", "0")]);
+    for (case, [_, _, _, nonzero]) in &m {
+        assert_eq!(*nonzero, 0, "{case}: {m:?}");
+    }
 
     // FERRY_ZERO_REALLOC=native: a block moved by glibc's realloc is freed
     // inside glibc and stays stale (documented limitation).
@@ -407,6 +418,20 @@ fn freed_pages_are_absent_in_release_mode() {
     for (case, [_, present, _, nonzero]) in &m {
         assert_eq!(*nonzero, 0, "{case}: {m:?}");
         assert_eq!(*present, 0, "{case}: {m:?}");
+    }
+    // Below FERRY_ZERO_RELEASE_MIN (here 4 MiB): zeroed, not released.
+    let m = probe(
+        true,
+        &[
+            ("FERRY_ZERO", "release"),
+            ("FERRY_ZERO_RELEASE_MIN", "4194304"),
+        ],
+    );
+    for case in ["free-1m", "realloc-move", "realloc-shrink"] {
+        let [pages, present, _, nonzero] = m[case];
+        assert!(pages > 100, "{case}: {m:?}");
+        assert_eq!(present, pages, "{case}: released anyway: {m:?}");
+        assert_eq!(nonzero, 0, "{case}: {m:?}");
     }
 }
 
@@ -507,9 +532,9 @@ fn bench_malloc_heavy() {
         ("off (interposition only)", true, &[("FERRY_ZERO", "off")]),
         ("zero", true, &[("FERRY_ZERO", "zero")]),
         (
-            "zero, min 4096",
+            "zero, min 64 (old default)",
             true,
-            &[("FERRY_ZERO", "zero"), ("FERRY_ZERO_MIN", "4096")],
+            &[("FERRY_ZERO", "zero"), ("FERRY_ZERO_MIN", "64")],
         ),
         ("release", true, &[("FERRY_ZERO", "release")]),
         (
