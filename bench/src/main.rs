@@ -16,6 +16,7 @@ use std::process::ExitCode;
 
 mod cr;
 mod migrate;
+mod postcopy;
 mod report;
 mod tree;
 mod util;
@@ -58,6 +59,9 @@ enum Cmd {
     /// The freed-memory library: its effect on live migration, its overhead.
     #[command(long_about = zero::LONG_ABOUT)]
     Zero(zero::Args),
+    /// Post-copy and hybrid beside pre-copy and stop-copy: resume time, faults, slowdown.
+    #[command(long_about = postcopy::LONG_ABOUT)]
+    Postcopy(postcopy::Args),
 }
 
 fn main() -> ExitCode {
@@ -84,5 +88,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Tree(args) => tree::run(&args),
         Cmd::Migrate(args) => migrate::run(&args),
         Cmd::Zero(args) => zero::run(&args),
+        Cmd::Postcopy(args) => postcopy::run(&args),
     }
 }

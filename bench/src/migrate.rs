@@ -862,13 +862,13 @@ impl MigrateJson {
 /// The job's work counter over time, from its log: (realtime, page writes
 /// since READY), starting with (t0, 0).
 #[derive(Debug, Clone)]
-struct Ticks {
+pub(crate) struct Ticks {
     t0: f64,
     pts: Vec<(f64, f64)>,
 }
 
 impl Ticks {
-    fn parse(text: &str) -> Result<Self> {
+    pub(crate) fn parse(text: &str) -> Result<Self> {
         let mut t0 = None;
         let mut pts = Vec::new();
         for line in text.lines() {
@@ -898,7 +898,7 @@ impl Ticks {
     }
 
     /// Work counter at realtime `t`, linearly interpolated between ticks.
-    fn count_at(&self, t: f64) -> f64 {
+    pub(crate) fn count_at(&self, t: f64) -> f64 {
         let i = self.pts.partition_point(|p| p.0 <= t);
         if i == 0 {
             return 0.0;

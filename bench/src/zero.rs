@@ -235,7 +235,13 @@ fn position_at(steps: &[Step], t: f64) -> String {
 
 /// Waits until the log has a line `want` (or fails on FAIL, on the death
 /// of `pid` when given, or after `limit`).
-fn wait_line(log: &Path, want: &str, pid: Option<i32>, limit: Duration, when: &str) -> Result<()> {
+pub(crate) fn wait_line(
+    log: &Path,
+    want: &str,
+    pid: Option<i32>,
+    limit: Duration,
+    when: &str,
+) -> Result<()> {
     let t0 = Instant::now();
     loop {
         util::check_interrupted()?;

@@ -22,7 +22,7 @@ use crate::checkpoint::FrozenTree;
 use crate::remote::{self, Remote};
 use crate::restore::postcopy::RegisteredSpace;
 use crate::sys::{self, uffd, PAGE_SIZE};
-use crate::wire::messages::{PageRequest, PageRun, PostcopyDone};
+use crate::wire::messages::{PageRequest, PlanRun, PostcopyDone};
 use crate::wire::{BatchDecoder, Page, WireError};
 use std::collections::HashMap;
 use std::fs::File;
@@ -54,7 +54,7 @@ pub struct PendingSet {
 
 impl PendingSet {
     /// `runs` sorted and disjoint (the receiver checks that).
-    pub fn new(runs: &[PageRun]) -> Self {
+    pub fn new(runs: &[PlanRun]) -> Self {
         let mut s = PendingSet::default();
         let mut bit = 0usize;
         for r in runs {
@@ -316,7 +316,7 @@ impl Pager {
         b.set_nonblocking(true)
             .map_err(|e| io_err("socketpair", e))?;
         let mut pending: HashMap<i32, PendingSet> = HashMap::new();
-        let mut runs: HashMap<i32, Vec<PageRun>> = HashMap::new();
+        let mut runs: HashMap<i32, Vec<PlanRun>> = HashMap::new();
         for p in plans {
             runs.entry(p.pid).or_default().extend_from_slice(&p.runs);
         }
@@ -874,8 +874,8 @@ fn close_job_references(root: i32, fds: &[Arc<OwnedFd>]) -> Result<(), MigrateEr
 mod tests {
     use super::*;
 
-    fn run(addr: u64, npages: u32) -> PageRun {
-        PageRun { addr, npages }
+    fn run(addr: u64, npages: u32) -> PlanRun {
+        PlanRun { addr, npages }
     }
 
     #[test]

@@ -89,8 +89,11 @@ pub struct Options {
     /// not in the page source but still on the source node. Their areas are
     /// registered with a userfaultfd made in the process (see
     /// [`postcopy`]); the report hands the descriptors over.
-    pub postcopy: Option<std::sync::Arc<std::collections::HashMap<i32, Vec<(u64, u64)>>>>,
+    pub postcopy: Option<std::sync::Arc<PlannedPages>>,
 }
+
+/// Per image pid, `[start, end)` runs of pages still on the source.
+pub type PlannedPages = std::collections::HashMap<i32, Vec<(u64, u64)>>;
 
 pub use memory::{DiskPages, PageSink, PageSource};
 

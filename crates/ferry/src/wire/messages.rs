@@ -318,7 +318,7 @@ pub struct PageRequest {
 
 /// `npages` pages from `addr`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PageRun {
+pub struct PlanRun {
     pub addr: u64,
     pub npages: u32,
 }
@@ -335,7 +335,7 @@ pub const MAX_PLAN_RUNS: usize = 1 << 20;
 pub struct PostcopyPlan {
     pub pid: i32,
     /// Sorted, disjoint runs.
-    pub runs: Vec<PageRun>,
+    pub runs: Vec<PlanRun>,
 }
 
 /// `PostcopyDone` (target → source): every planned page is in place (or
@@ -628,7 +628,7 @@ mod tests {
             }),
             Message::PostcopyPlan(PostcopyPlan {
                 pid: 3,
-                runs: vec![PageRun {
+                runs: vec![PlanRun {
                     addr: 0x7000,
                     npages: 9,
                 }],

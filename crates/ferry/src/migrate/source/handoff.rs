@@ -11,7 +11,7 @@
 
 use super::*;
 use crate::image::{ProcessImage, VmaKind};
-use crate::wire::messages::{PageRun, PostcopyDone, PostcopyPlan, MAX_PLAN_RUNS};
+use crate::wire::messages::{PlanRun, PostcopyDone, PostcopyPlan, MAX_PLAN_RUNS};
 
 /// Pages below / above a thread's stack pointer sent before the resume.
 const STACK_BELOW: u64 = 1;
@@ -67,12 +67,12 @@ fn eager(p: &ProcessImage, addr: u64) -> bool {
     })
 }
 
-fn runs_of(pages: &[u64]) -> Vec<PageRun> {
-    let mut runs: Vec<PageRun> = Vec::new();
+fn runs_of(pages: &[u64]) -> Vec<PlanRun> {
+    let mut runs: Vec<PlanRun> = Vec::new();
     for &a in pages {
         match runs.last_mut() {
             Some(r) if r.addr + r.npages as u64 * PAGE == a && r.npages < u32::MAX => r.npages += 1,
-            _ => runs.push(PageRun { addr: a, npages: 1 }),
+            _ => runs.push(PlanRun { addr: a, npages: 1 }),
         }
     }
     runs
