@@ -274,6 +274,23 @@ fn every_message() -> Vec<Message> {
             addr: 0x7f00_0000_0000,
             npages: 1,
         }),
+        Message::PostcopyPlan(PostcopyPlan {
+            pid: 100,
+            runs: vec![PlanRun {
+                addr: 0x7f00_0000_0000,
+                npages: 4,
+            }],
+        }),
+        Message::PostcopyDone(PostcopyDone {
+            remote_faults: 1,
+            local_faults: 0,
+            fault_latency_p50_us: 50.0,
+            fault_latency_p99_us: 90.0,
+            fault_latency_max_us: 90.0,
+            last_page_ms: 3.0,
+            pages_placed: 4,
+            job_ended: false,
+        }),
     ]
 }
 

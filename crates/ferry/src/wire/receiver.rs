@@ -733,10 +733,9 @@ impl<S: PageSink> Receiver<S> {
         }
         let mut last_end = 0u64;
         for r in &p.runs {
-            let end = r
-                .npages
-                .checked_mul(super::PAGE_SIZE as u32)
-                .and_then(|len| r.addr.checked_add(len as u64));
+            let end = (r.npages as u64)
+                .checked_mul(super::PAGE_SIZE as u64)
+                .and_then(|len| r.addr.checked_add(len));
             match end {
                 Some(end) if r.npages > 0 && r.addr % super::PAGE_SIZE as u64 == 0 && r.addr >= last_end => {
                     last_end = end
@@ -1101,6 +1100,61 @@ mod tests {
         send::<Receiver<Box<dyn PageSink>>>();
         send::<BatchEncoder>();
         send::<BatchDecoder>();
+    }
+
+    #[test]
+    fn postcopy_plans_are_checked_and_kept() {
+        use crate::wire::messages::{PlanRun, PostcopyPlan};
+        let plan = |pid, runs: Vec<(u64, u32)>| {
+            frame(&Message::PostcopyPlan(PostcopyPlan {
+                pid,
+                runs: runs
+                    .into_iter()
+                    .map(|(addr, npages)| PlanRun { addr, npages })
+                    .collect(),
+            }))
+        };
+        let session = || {
+            let mut rx = receiver();
+            let token = AuthToken::new(b"secret-token-0123").unwrap();
+            let _ = authenticate(&mut rx, &token);
+            let Message::MigrationStart(mut s) = start(0) else {
+                unreachable!()
+            };
+            s.mode = MigrationMode::PostCopy;
+            let a = rx
+                .on_frame(&frame(&Message::MigrationStart(s)).as_frame())
+                .unwrap();
+            assert_eq!(a.send, vec![Message::Ack]);
+            let _ = rx
+                .on_frame(&round_end(1, true, vec![0]).as_frame())
+                .unwrap();
+            let mut inv = inventory();
+            inv.processes
+                .push(crate::image::tests_support::process(100, Vec::new()));
+            let inv = Message::FinalState(Box::new(inv));
+            let _ = rx.on_frame(&frame(&inv).as_frame()).unwrap();
+            assert_eq!(rx.state(), State::AwaitCommit);
+            rx
+        };
+        // A 4 GiB run (2^20 pages: 2^32 bytes) and a second one after it.
+        let mut rx = session();
+        let big = plan(
+            100,
+            vec![(0x7f00_0000_0000, 1 << 20), (0x7f02_0000_0000, 3)],
+        );
+        rx.on_frame(&big.as_frame()).unwrap();
+        assert_eq!(rx.take_plans()[0].runs.len(), 2);
+        for bad in [
+            plan(100, vec![(0x1001, 1)]),
+            plan(100, vec![(0x1000, 0)]),
+            plan(100, vec![(0x5000, 1), (0x1000, 1)]),
+            plan(100, vec![(u64::MAX - 0xfff, 2)]),
+            plan(7, vec![(0x1000, 1)]),
+        ] {
+            let mut rx = session();
+            assert!(rx.on_frame(&bad.as_frame()).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
