@@ -1143,7 +1143,7 @@ mod tests {
             100,
             vec![(0x7f00_0000_0000, 1 << 20), (0x7f02_0000_0000, 3)],
         );
-        rx.on_frame(&big.as_frame()).unwrap();
+        let _ = rx.on_frame(&big.as_frame()).unwrap();
         assert_eq!(rx.take_plans()[0].runs.len(), 2);
         for bad in [
             plan(100, vec![(0x1001, 1)]),
