@@ -99,6 +99,14 @@ impl FrozenTree {
         Ok(tree)
     }
 
+    /// Whether `pid` is a live (frozen) process of the tree: not a zombie,
+    /// not one that exited since an earlier freeze.
+    pub fn runs(&self, pid: i32) -> bool {
+        self.tasks
+            .iter()
+            .any(|t| t.pid == pid && t.frozen.is_some())
+    }
+
     pub fn pids(&self) -> Vec<i32> {
         self.tasks.iter().map(|t| t.pid).collect()
     }

@@ -632,7 +632,15 @@ fn precopy(
                 }
                 Err(e) => return Err(e.into()),
             };
-            t.tracker.harvest(&areas, &mut ranges)?;
+            match t.tracker.harvest(&areas, &mut ranges) {
+                Ok(_) => {}
+                Err(_) if t.pid != pid && !crate::sys::pid_exists(t.pid) => {
+                    t.gone = true;
+                    t.pending.clear();
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            }
             // Sorted, disjoint ranges (the Tracker contract): sorted pages.
             expand(&ranges, &mut t.pending);
             drop_unsendable(&areas, &mut t.pending);
@@ -828,7 +836,7 @@ fn stop_and_copy(
     let mut ranges = Vec::new();
     let mut pages_sent = 0u64;
     // Last harvest, then tracking off: restore must not see uffd state.
-    for t in tracked.iter_mut().filter(|t| !t.gone) {
+    for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
         let areas = track::read_areas(t.pid)?;
         t.tracker.harvest(&areas, &mut ranges)?;
         expand(&ranges, &mut t.pending);
@@ -841,7 +849,7 @@ fn stop_and_copy(
         t.pending.dedup();
         drop_unsendable(&areas, &mut t.pending);
     }
-    for t in tracked.iter_mut().filter(|t| !t.gone) {
+    for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
         let pages = std::mem::take(&mut t.pending);
         *resent_total += count_common(&t.last_sent, &pages);
         pages_sent += pages.len() as u64;

@@ -98,7 +98,7 @@ pub(super) fn handoff(
     // would send it.
     let mut left: Vec<(i32, i32, Vec<u64>)> = Vec::new();
     let mut ranges = Vec::new();
-    for t in tracked.iter_mut().filter(|t| !t.gone) {
+    for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
         let areas = track::read_areas(t.pid)?;
         t.tracker.harvest(&areas, &mut ranges)?;
         expand(&ranges, &mut t.pending);
