@@ -28,6 +28,9 @@ const BATCH: usize = 8 << 20;
 /// Bytes read from a page source per `UFFDIO_COPY` (fits in L2, so the
 /// read, its CRC and the copy into the stub hit the cache).
 const UFFD_CHUNK: usize = 256 << 10;
+/// Below this much private anonymous data the userfaultfd's setup (two
+/// remote syscalls and a few ioctls) costs more than it saves.
+const UFFD_MIN_BYTES: u64 = 4 << 20;
 /// Set in the environment to fill every area with `process_vm_writev`.
 pub const NO_UFFD_ENV: &str = "FERRY_RESTORE_NO_UFFD";
 
@@ -61,9 +64,19 @@ pub fn restore(
     let local: Vec<i32> = ids.iter().filter_map(|&id| table.shmem(id)).collect();
     let got = st.receive_fds(&local)?;
     let mut shmem_fds: HashMap<u64, u64> = ids.into_iter().zip(got).collect();
+    // A file mapped in several areas (a library's text, data, bss...) is
+    // opened once for all of them: the areas of one file follow each other.
+    // The executable's descriptor is kept for PR_SET_MM_MAP.
+    let mut files = Files {
+        open: None,
+        exe: &p.exe,
+        exe_fd: None,
+    };
     for v in &p.vmas {
-        map_area(st, v, &shmem_fds)?;
+        map_area(st, v, &shmem_fds, &mut files)?;
     }
+    files.close_open(st)?;
+    let exe_fd = files.exe_fd;
     for (_, fd) in shmem_fds.drain() {
         st.call("close", libc::SYS_close, &[fd])?;
     }
@@ -73,11 +86,92 @@ pub fn restore(
     for v in &p.vmas {
         finish_area(st, v)?;
     }
-    set_mm(st, p)?;
+    set_mm(st, p, exe_fd)?;
     Ok(stats)
 }
 
-fn map_area(st: &mut Stub, v: &Vma, shmem_fds: &HashMap<u64, u64>) -> Result<(), RestoreError> {
+/// A descriptor the stub holds on a mapped file, kept for the next area.
+struct OpenFile {
+    path: String,
+    shared: bool,
+    fd: u64,
+}
+
+/// Descriptors of mapped files in the stub while the areas are mapped.
+struct Files<'a> {
+    open: Option<OpenFile>,
+    /// The image's executable, and a read-only descriptor of it once seen.
+    exe: &'a str,
+    exe_fd: Option<u64>,
+}
+
+impl Files<'_> {
+    /// Closes the open descriptor, or keeps it if it is the executable's.
+    fn close_open(&mut self, st: &mut Stub) -> Result<(), RestoreError> {
+        if let Some(f) = self.open.take() {
+            if self.exe_fd.is_none() && !f.shared && f.path == self.exe {
+                self.exe_fd = Some(f.fd);
+            } else {
+                st.call("close", libc::SYS_close, &[f.fd])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A descriptor for `path` in the stub: the one already open if it
+    /// fits, else a new one (read-write first for shared mappings, since
+    /// the original may have been mapped read-only from a read-write file).
+    fn fd(&mut self, st: &mut Stub, path: &str, shared: bool) -> Result<u64, RestoreError> {
+        if let Some(f) = self.open.as_ref() {
+            if f.path == path && f.shared == shared {
+                return Ok(f.fd);
+            }
+        }
+        if !shared && path == self.exe {
+            if let Some(fd) = self.exe_fd {
+                return Ok(fd);
+            }
+        }
+        self.close_open(st)?;
+        st.r.reset_scratch();
+        let pathp = st.r.put_cstr(path)?;
+        let fd = if shared {
+            let fd =
+                st.r.syscall_raw("open", libc::SYS_open, &[pathp, libc::O_RDWR as u64, 0])?
+                    .0;
+            if fd < 0 {
+                st.call("open", libc::SYS_open, &[pathp, libc::O_RDONLY as u64, 0])?
+            } else {
+                fd as u64
+            }
+        } else {
+            st.call("open", libc::SYS_open, &[pathp, libc::O_RDONLY as u64, 0])?
+        };
+        self.open = Some(OpenFile {
+            path: path.to_string(),
+            shared,
+            fd,
+        });
+        Ok(fd)
+    }
+}
+
+/// Areas without stored pages get their final protection when mapped (no
+/// `mprotect` afterwards); the others are mapped read-write to be filled.
+fn map_prot(v: &Vma) -> u64 {
+    if v.pages.is_empty() {
+        v.prot as u64
+    } else {
+        RW
+    }
+}
+
+fn map_area(
+    st: &mut Stub,
+    v: &Vma,
+    shmem_fds: &HashMap<u64, u64>,
+    files: &mut Files<'_>,
+) -> Result<(), RestoreError> {
     let len = v.len();
     match &v.kind {
         VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => {}
@@ -89,28 +183,16 @@ fn map_area(st: &mut Stub, v: &Vma, shmem_fds: &HashMap<u64, u64>) -> Result<(),
             st.call(
                 "mmap(anon)",
                 libc::SYS_mmap,
-                &[v.start, len, RW, flags as u64, u64::MAX, 0],
+                &[v.start, len, map_prot(v), flags as u64, u64::MAX, 0],
             )?;
         }
         VmaKind::File { path, offset, .. } => {
-            st.r.reset_scratch();
-            let pathp = st.r.put_cstr(path)?;
-            // A shared writable mapping needs a writable descriptor; try
-            // read-write first for every shared mapping, since the original
-            // may have been mapped read-only from a read-write file.
-            let (fd, prot, flags) = if v.shared {
-                let fd =
-                    st.r.syscall_raw("open", libc::SYS_open, &[pathp, libc::O_RDWR as u64, 0])?
-                        .0;
-                let fd = if fd < 0 {
-                    st.call("open", libc::SYS_open, &[pathp, libc::O_RDONLY as u64, 0])?
-                } else {
-                    fd as u64
-                };
-                (fd, v.prot as u64, libc::MAP_SHARED)
+            // A shared writable mapping needs a writable descriptor.
+            let fd = files.fd(st, path, v.shared)?;
+            let (prot, flags) = if v.shared {
+                (v.prot as u64, libc::MAP_SHARED)
             } else {
-                let fd = st.call("open", libc::SYS_open, &[pathp, libc::O_RDONLY as u64, 0])?;
-                (fd, RW, libc::MAP_PRIVATE)
+                (map_prot(v), libc::MAP_PRIVATE)
             };
             let r = st.r.syscall_raw(
                 "mmap(file)",
@@ -124,7 +206,6 @@ fn map_area(st: &mut Stub, v: &Vma, shmem_fds: &HashMap<u64, u64>) -> Result<(),
                     *offset,
                 ],
             )?;
-            st.call("close", libc::SYS_close, &[fd])?;
             if r.0 < 0 {
                 return Err(RestoreError::Step {
                     pid: st.pid,
@@ -145,7 +226,7 @@ fn map_area(st: &mut Stub, v: &Vma, shmem_fds: &HashMap<u64, u64>) -> Result<(),
                 &[
                     v.start,
                     len,
-                    RW,
+                    map_prot(v),
                     (libc::MAP_SHARED | libc::MAP_FIXED) as u64,
                     fd,
                     *offset,
@@ -391,7 +472,19 @@ impl Filler {
 
 /// Writes every stored page into the stub.
 fn fill(st: &mut Stub, pages: &dyn PageSource, p: &ProcessImage) -> Result<Stats, RestoreError> {
-    let mut filler = Filler::open(st)?;
+    let anon_data: u64 = p
+        .vmas
+        .iter()
+        .filter(|v| matches!(v.kind, VmaKind::Anon { .. }) && !v.shared)
+        .flat_map(|v| &v.pages)
+        .filter(|r| matches!(r.kind, PageKind::Data { .. }))
+        .map(|r| r.npages as u64 * PAGE)
+        .sum();
+    let mut filler = if anon_data >= UFFD_MIN_BYTES {
+        Filler::open(st)?
+    } else {
+        None
+    };
     let stats = fill_with(st, pages, p, filler.as_mut());
     // Unregister even after a failure: the stub is killed then anyway,
     // but nothing should be left registered in a process that might run.
@@ -568,7 +661,7 @@ fn finish_area(st: &mut Stub, v: &Vma) -> Result<(), RestoreError> {
     }
     let len = v.len();
     let shared_file = v.shared && matches!(v.kind, VmaKind::File { .. });
-    if v.prot as u64 != RW && !shared_file {
+    if v.prot as u64 != map_prot(v) && !shared_file {
         st.call(
             "mprotect",
             libc::SYS_mprotect,
@@ -616,14 +709,19 @@ fn finish_area(st: &mut Stub, v: &Vma) -> Result<(), RestoreError> {
 }
 
 /// mm fields, auxv and /proc/PID/exe through one PR_SET_MM_MAP.
-fn set_mm(st: &mut Stub, p: &ProcessImage) -> Result<(), RestoreError> {
+fn set_mm(st: &mut Stub, p: &ProcessImage, exe_fd: Option<u64>) -> Result<(), RestoreError> {
     st.r.reset_scratch();
-    let exe = st.r.put_cstr(&p.exe)?;
-    let exe_fd = st.call(
-        "open(exe)",
-        libc::SYS_open,
-        &[exe, libc::O_RDONLY as u64, 0],
-    )?;
+    let exe_fd = match exe_fd {
+        Some(fd) => fd,
+        None => {
+            let exe = st.r.put_cstr(&p.exe)?;
+            st.call(
+                "open(exe)",
+                libc::SYS_open,
+                &[exe, libc::O_RDONLY as u64, 0],
+            )?
+        }
+    };
     let auxv = st.r.put(&p.auxv)?;
     let m = &p.mm;
     let map = PrctlMmMap {
