@@ -2,68 +2,20 @@
 //! the process owns, and the dump of those pages into the page store.
 //!
 //! Page path: one pagemap read per area, `process_vm_readv` with up to
-//! IOV_MAX ranges into a reused buffer, zero checks a word at a time,
-//! runs of data appended to the store with one CRC each. The store is
-//! written by a second thread: while it copies one batch into the page
-//! cache (most of the time a checkpoint takes), the next batch is read,
-//! checked for zeros and summed. A few batch buffers circulate between the
-//! two threads; nothing is allocated per batch.
+//! IOV_MAX ranges into one reused buffer, zero checks a word at a time,
+//! runs of data appended to the store with one CRC each.
 
 use super::CheckpointError;
-use crate::image::ImageError;
 use crate::image::{Advice, ImageDir, PageKind, PageRun, PageStoreWriter, Vma, VmaKind};
 use crate::proc::{MapEntry, Pagemap, PagemapEntry, Special};
 use crate::sys::{self, RemoteRange, IOV_MAX, PAGE_SIZE};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Pages read per batch (2 MiB): large enough to amortise the syscalls,
 /// small enough to stay in cache.
 const BATCH_PAGES: usize = 512;
-/// Batch buffers in flight between the reading and the writing thread.
-const BUFFERS: usize = 3;
-/// Processes with less private memory than this (an upper bound: the size
-/// of the areas whose pages may be dumped) are written inline: a thread and
-/// more buffers would cost more than the overlap saves.
-const THREAD_MIN_BYTES: u64 = 16 << 20;
-
-/// Where full batches go.
-enum Out<'a> {
-    /// Written by this thread.
-    Inline(&'a mut PageStoreWriter),
-    /// Handed to the writer thread, buffers coming back on `back`.
-    Thread {
-        tx: mpsc::SyncSender<Batch>,
-        back: &'a mpsc::Receiver<Batch>,
-    },
-}
-
-/// A batch read from the process: the buffer, and the stretches of it
-/// (byte ranges) that go to the store, in order.
-struct Batch {
-    buf: Vec<u8>,
-    stretches: Vec<(usize, usize)>,
-}
-
-/// Appends the batches it receives to the store, handing each buffer back;
-/// returns the store when the sending side is done (or the first error).
-fn write_batches(
-    mut store: PageStoreWriter,
-    rx: mpsc::Receiver<Batch>,
-    back: mpsc::Sender<Batch>,
-) -> Result<PageStoreWriter, ImageError> {
-    for b in rx {
-        for &(start, end) in &b.stretches {
-            store.append(&b.buf[start..end])?;
-        }
-        if back.send(b).is_err() {
-            break;
-        }
-    }
-    Ok(store)
-}
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
@@ -262,91 +214,6 @@ pub fn dump(
     pages_file: &str,
 ) -> Result<(Vec<Vma>, Stats), CheckpointError> {
     let mut store = PageStoreWriter::create(&img.path(pages_file))?;
-    let dumpable: u64 = maps
-        .iter()
-        .filter(|m| !(m.perms.shared && m.path.as_deref().is_some_and(|p| p.starts_with('/'))))
-        .filter(|m| {
-            m.special()
-                .is_none_or(|s| matches!(s, Special::Heap | Special::Stack))
-        })
-        .map(|m| m.end - m.start)
-        .sum();
-    let (vmas, mut stats, len) = if dumpable < THREAD_MIN_BYTES {
-        let (vmas, stats, handed) = dump_areas(pid, maps, Out::Inline(&mut store))?;
-        let len = store.finish()?;
-        check_len(pid, len, handed)?;
-        (vmas, stats, len)
-    } else {
-        dump_threaded(pid, maps, store)?
-    };
-    stats.bytes = len + crate::image::format::HEADER_LEN as u64;
-    Ok((vmas, stats))
-}
-
-fn check_len(pid: i32, written: u64, handed: u64) -> Result<(), CheckpointError> {
-    if written == handed {
-        return Ok(());
-    }
-    Err(CheckpointError::Io {
-        pid,
-        what: "the page store".into(),
-        source: std::io::Error::other(format!("{written} bytes written, {handed} handed over")),
-    })
-}
-
-/// [`dump_areas`] with the store written by a second thread.
-fn dump_threaded(
-    pid: i32,
-    maps: &[MapEntry],
-    store: PageStoreWriter,
-) -> Result<(Vec<Vma>, Stats, u64), CheckpointError> {
-    let (tx, rx) = mpsc::sync_channel::<Batch>(BUFFERS);
-    let (back_tx, back_rx) = mpsc::channel::<Batch>();
-    std::thread::scope(|scope| {
-        let writer = std::thread::Builder::new()
-            .name("ferry-pagestore".into())
-            .spawn_scoped(scope, move || write_batches(store, rx, back_tx))
-            .map_err(|source| CheckpointError::Io {
-                pid,
-                what: "start the page store writer thread".into(),
-                source,
-            })?;
-        // Dropping the sender (inside) ends the writer once the last batch
-        // is written (or at its first error, which then explains a failed
-        // hand-over, so it is reported first).
-        let read = dump_areas(pid, maps, Out::Thread { tx, back: &back_rx });
-        let written = writer.join().map_err(|_| CheckpointError::Io {
-            pid,
-            what: "the page store writer thread".into(),
-            source: std::io::Error::other("panicked"),
-        })?;
-        match (read, written) {
-            (_, Err(e)) => Err(e.into()),
-            (Err(e), Ok(_)) => Err(e),
-            (Ok((vmas, stats, handed)), Ok(store)) => {
-                let len = store.finish()?;
-                check_len(pid, len, handed)?;
-                Ok((vmas, stats, len))
-            }
-        }
-    })
-}
-
-const WRITER_GONE: &str = "hand pages to the page store writer";
-
-/// Reads every area, handing the data pages to `out` in batches; returns
-/// the areas with their runs, the counts and the payload length handed
-/// over.
-fn dump_areas(
-    pid: i32,
-    maps: &[MapEntry],
-    mut out: Out<'_>,
-) -> Result<(Vec<Vma>, Stats, u64), CheckpointError> {
-    let gone = || CheckpointError::Io {
-        pid,
-        what: WRITER_GONE.into(),
-        source: std::io::Error::from(std::io::ErrorKind::BrokenPipe),
-    };
     let mut pagemap = Pagemap::open(pid)?;
     let mem = File::open(format!("/proc/{pid}/mem")).map_err(|source| CheckpointError::Io {
         pid,
@@ -354,15 +221,11 @@ fn dump_areas(
         source,
     })?;
     let mut entries: Vec<u64> = Vec::new();
-    // Buffers are made as needed: inline, one is reused throughout.
-    let mut spare: Vec<Batch> = Vec::with_capacity(BUFFERS);
-    let mut made = 0;
+    let mut buf = vec![0u8; BATCH_PAGES * PAGE_SIZE];
     let mut ranges: Vec<RemoteRange> = Vec::with_capacity(IOV_MAX);
     let mut addrs: Vec<u64> = Vec::with_capacity(BATCH_PAGES);
     let mut stats = Stats::default();
     let mut vmas = Vec::with_capacity(maps.len());
-    // Payload bytes handed to the writer so far: the next run's offset.
-    let mut written = 0u64;
 
     for m in maps {
         let kind = kind_of(m);
@@ -418,25 +281,10 @@ fn dump_areas(
             if addrs.is_empty() {
                 continue;
             }
-            let mut batch = match (spare.pop(), &out) {
-                (Some(b), _) => b,
-                (None, Out::Thread { back, .. }) if made == BUFFERS => {
-                    back.recv().map_err(|_| gone())?
-                }
-                (None, _) => {
-                    made += 1;
-                    Batch {
-                        buf: vec![0u8; BATCH_PAGES * PAGE_SIZE],
-                        stretches: Vec::with_capacity(BATCH_PAGES),
-                    }
-                }
-            };
-            batch.stretches.clear();
             let bytes = addrs.len() * PAGE_SIZE;
-            read_ranges(pid, &mem, m.perms.read, &ranges, &mut batch.buf[..bytes])?;
+            read_ranges(pid, &mem, m.perms.read, &ranges, &mut buf[..bytes])?;
             // Zero pages become flags; each stretch of data pages goes to
             // the store in one write, straight from the read buffer.
-            let buf = &batch.buf;
             let page = |k: usize| &buf[k * PAGE_SIZE..(k + 1) * PAGE_SIZE];
             let mut k = 0;
             while k < addrs.len() {
@@ -451,26 +299,12 @@ fn dump_areas(
                 while k < addrs.len() && !sys::is_zero_page(page(k)) {
                     k += 1;
                 }
-                let off = written;
-                written += ((k - first) * PAGE_SIZE) as u64;
-                batch.stretches.push((first * PAGE_SIZE, k * PAGE_SIZE));
+                let off = store.append(&buf[first * PAGE_SIZE..k * PAGE_SIZE])?;
                 for (i, &addr) in addrs[first..k].iter().enumerate() {
                     let at = off + (i * PAGE_SIZE) as u64;
                     rb.push(addr, true, at, Some(page(first + i)));
                 }
                 stats.pages_data += (k - first) as u64;
-            }
-            match &mut out {
-                Out::Thread { tx, .. } if !batch.stretches.is_empty() => {
-                    tx.send(batch).map_err(|_| gone())?
-                }
-                Out::Thread { .. } => spare.push(batch),
-                Out::Inline(store) => {
-                    for &(start, end) in &batch.stretches {
-                        store.append(&batch.buf[start..end])?;
-                    }
-                    spare.push(batch);
-                }
             }
         }
         rb.flush();
@@ -480,7 +314,8 @@ fn dump_areas(
         vma.pages = rb.runs;
         vmas.push(vma);
     }
-    Ok((vmas, stats, written))
+    stats.bytes = store.finish()? + crate::image::format::HEADER_LEN as u64;
+    Ok((vmas, stats))
 }
 
 /// Reads the ranges into `out`: `process_vm_readv` for readable areas,
