@@ -108,6 +108,10 @@ pub struct Args {
     /// Skip goal (d), the page streaming throughput runs.
     #[arg(long)]
     pub no_throughput: bool,
+    /// Only goal (d): the page streaming runs (repeated --reps times, the
+    /// goal judged on the median), no workload matrix and no baselines.
+    #[arg(long, conflicts_with = "no_throughput")]
+    pub throughput_only: bool,
     /// Dirty-page tracker passed to every `ferry migrate` (`--tracker`:
     /// auto, uffd-wp, soft-dirty, hash) [default: ferry's own default].
     #[arg(long, value_name = "NAME")]
@@ -1234,8 +1238,11 @@ struct Outcome {
 pub fn run(args: &Args) -> Result<()> {
     util::require_root()?;
     let ferry = util::resolve_ferry(args.common.ferry.as_deref())?;
-    let links = links(&args.link)?;
-    let wls = workloads(args)?;
+    let (links, wls) = if args.throughput_only {
+        (Vec::new(), Vec::new())
+    } else {
+        (links(&args.link)?, workloads(args)?)
+    };
     if args.controllers.is_empty() {
         bail!("--controllers is empty");
     }
@@ -1247,7 +1254,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     if let Some(avail) = report::meminfo("MemAvailable") {
         // Source job + the agent's copy of its pages + the restored job.
-        let need = (3 * wls.iter().map(|w| w.mem).max().unwrap_or(0) + 256) * 1024;
+        let need = (3 * wls.iter().map(|w| w.mem).max().unwrap_or(args.mem) + 256) * 1024;
         if need > avail {
             bail!(
                 "the largest job needs about {} MiB of memory (source, agent, target), only {} \
@@ -1414,25 +1421,27 @@ fn benchmark(ctx: &Ctx, links: Vec<Link>, wls: Vec<Workload>) -> Result<Outcome>
                 ("stop-copy", &["--compress", "none"][..]),
                 ("iterations:1", &["--compress", "none"][..]),
             ] {
-                agent.check_alive()?;
-                let spec = RunSpec {
-                    link: if label == "loopback" { "lo" } else { "none" },
-                    workload: &big,
-                    controller: c,
-                    rep: 1,
-                    to: to.clone(),
-                    target_ns,
-                    extra,
-                };
-                let r = interruptible(run_one(ctx, &nodes, &keep, &spec))?;
-                match &r {
-                    Ok(x) => eprintln!(
-                        "migrate: streaming over {label}, {c} --compress none: {}",
-                        stream_summary(&x.mig)
-                    ),
-                    Err(e) => eprintln!("migrate: streaming over {label}, {c} FAILED: {e:#}"),
+                for rep in 1..=(if args.throughput_only { args.reps } else { 1 }) {
+                    agent.check_alive()?;
+                    let spec = RunSpec {
+                        link: if label == "loopback" { "lo" } else { "none" },
+                        workload: &big,
+                        controller: c,
+                        rep,
+                        to: to.clone(),
+                        target_ns,
+                        extra,
+                    };
+                    let r = interruptible(run_one(ctx, &nodes, &keep, &spec))?;
+                    match &r {
+                        Ok(x) => eprintln!(
+                            "migrate: streaming over {label}, {c} --compress none: {}",
+                            stream_summary(&x.mig)
+                        ),
+                        Err(e) => eprintln!("migrate: streaming over {label}, {c} FAILED: {e:#}"),
+                    }
+                    out.throughput.push((format!("{label}, {c}"), r));
                 }
-                out.throughput.push((format!("{label}, {c}"), r));
             }
         }
         drop(lo);
@@ -1620,7 +1629,9 @@ fn tables(ctx: &Ctx, o: &Outcome) -> Tables {
         let t = link_table(ctx, o, link, &mut checks, &mut details);
         text += &format!("### {}\n\n{t}\n", link.label());
     }
-    text += &baseline_table(ctx, o, &mut checks);
+    if !ctx.args.throughput_only {
+        text += &baseline_table(ctx, o, &mut checks);
+    }
     text += &stream_table(ctx, o, &mut checks);
     text += &goal_checks(ctx, &checks);
     text += "\n";
@@ -1882,7 +1893,7 @@ fn stream_table(ctx: &Ctx, o: &Outcome, checks: &mut Checks) -> String {
         "downtime ms",
         "restore ms",
     ]);
-    let mut lo_rate = None;
+    let mut lo_rates = Vec::new();
     for (label, r) in &o.throughput {
         let x = match r {
             Ok(x) => x,
@@ -1900,8 +1911,8 @@ fn stream_table(ctx: &Ctx, o: &Outcome, checks: &mut Checks) -> String {
             .find(|r| !r.frozen && r.round == 0)
             .map_or(f64::NAN, |r| r.bandwidth);
         let stop_copy = x.mig.live_rounds() == 0;
-        if label.starts_with("loopback") && stop_copy {
-            lo_rate = Some(frozen);
+        if label.starts_with("loopback") && stop_copy && !frozen.is_nan() {
+            lo_rates.push(frozen);
         }
         st.row(vec![
             label.clone(),
@@ -1914,17 +1925,24 @@ fn stream_table(ctx: &Ctx, o: &Outcome, checks: &mut Checks) -> String {
             report::ms(x.mig.restore_ms),
         ]);
     }
+    let n = lo_rates.len();
+    let lo_rate = (n > 0).then(|| util::median(lo_rates.iter().copied()));
     checks.goal_d = Some(match lo_rate {
         Some(v) if !v.is_nan() => format!(
-            "(d) {}: the stop-copy round streamed {} GB/s over loopback uncompressed (goal: at \
-             least 1 GB/s; pages sent × 4096 / the round's duration, which includes freezing \
-             the job and capturing its state).",
+            "(d) {}: the stop-copy round streamed {} GB/s over loopback uncompressed{} (goal: \
+             at least 1 GB/s; pages sent × 4096 / the round's duration, which includes \
+             freezing the job and capturing its state).",
             if v >= GOAL_STREAM_BPS {
                 "MET"
             } else {
                 "NOT MET"
             },
-            gbs(v)
+            gbs(v),
+            if n > 1 {
+                format!(" (median of {n} runs)")
+            } else {
+                String::new()
+            }
         ),
         _ => "(d) not judged: the loopback stop-copy run failed".into(),
     });
@@ -1940,6 +1958,16 @@ fn goal_checks(ctx: &Ctx, c: &Checks) -> String {
     let args = ctx.args;
     let met = |ok: bool| if ok { "MET" } else { "NOT MET" };
     let mut g = String::from("Goal checks:\n\n");
+    if args.throughput_only {
+        g += "- (a), (b), (c) not measured (--throughput-only)\n";
+        g += &format!(
+            "- {}\n",
+            c.goal_d
+                .clone()
+                .unwrap_or_else(|| "(d) not measured".into())
+        );
+        return g;
+    }
     g += &format!(
         "- {}\n",
         c.goal_a.clone().unwrap_or_else(|| {
@@ -2055,6 +2083,13 @@ fn results_entry(ctx: &Ctx, work: &Path, o: &Outcome, t: &Tables) -> String {
             w.describe(),
             w.meant,
             w.why
+        );
+    }
+    if a.throughput_only {
+        e += &format!(
+            "- --throughput-only: only the page streaming runs (goal d), {} repetition(s) \
+             each, the goal judged on the median of the loopback stop-copy runs\n",
+            a.reps
         );
     }
     e += &format!(

@@ -1,5 +1,6 @@
 //! Sending pages: read them from the running (or frozen) job with
-//! `process_vm_readv`, batch, compress and write them on one connection.
+//! `process_vm_readv` straight into the batch being built (no copy of
+//! their own), compress and write them on one connection.
 //! With several page streams each connection has a sender thread; a page
 //! always travels on the connection `wire::stream_for` picks, so a newer
 //! copy never overtakes an older one.
@@ -25,7 +26,8 @@ pub struct PageSender {
     pub w: Conn,
     enc: BatchEncoder,
     current: Option<(i32, u32)>,
-    buf: Vec<u8>,
+    /// Pages of the last read that arrived (by index in the read).
+    ok: Vec<bool>,
     ranges: Vec<RemoteRange>,
     mem: Option<(i32, File)>,
     /// PageBatch frames written so far.
@@ -43,7 +45,7 @@ impl PageSender {
             w,
             enc: BatchEncoder::new(compression)?,
             current: None,
-            buf: vec![0u8; READ_PAGES * PAGE_SIZE],
+            ok: Vec::with_capacity(READ_PAGES),
             ranges: Vec::with_capacity(IOV_MAX),
             mem: None,
             batches: 0,
@@ -77,54 +79,44 @@ impl PageSender {
             self.enc.begin(vpid, round);
             self.current = Some((vpid, round));
         }
-        for chunk in pages.chunks(READ_PAGES) {
+        let mut rest = pages;
+        while !rest.is_empty() {
             if self.cancel.load(Ordering::Relaxed) {
                 return Err(MigrateError::Cancelled);
             }
+            // Read as many pages as the batch still takes (at most
+            // READ_PAGES ≤ IOV_MAX, so the ranges always fit) into its room.
+            let room = self.enc.page_slots(rest.len().min(READ_PAGES));
+            let n = room.len() / PAGE_SIZE;
+            let (chunk, later) = rest.split_at(n);
+            rest = later;
             self.ranges.clear();
-            // READ_PAGES ≤ IOV_MAX, so a chunk always fits.
             for &a in chunk {
                 sys::push_page_range(&mut self.ranges, a);
             }
-            let want = chunk.len() * PAGE_SIZE;
-            let got = sys::process_vm_readv(pid, &mut self.buf[..want], &self.ranges).unwrap_or(0);
+            let want = n * PAGE_SIZE;
+            let got = sys::process_vm_readv(pid, &mut room[..want], &self.ranges).unwrap_or(0);
+            self.ok.clear();
             for (i, &addr) in chunk.iter().enumerate() {
-                let ok = if i * PAGE_SIZE + PAGE_SIZE <= got {
-                    true
-                } else {
+                let ok = i * PAGE_SIZE + PAGE_SIZE <= got
                     // PROT_NONE pages, or a range that went away: try
                     // /proc/PID/mem page by page.
-                    self.read_slow(pid, addr, i)
-                };
-                if ok {
-                    let page: &[u8; PAGE_SIZE] = self.buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE]
-                        .try_into()
-                        .map_err(|_| MigrateError::Internal("page slice".into()))?;
-                    self.enc.push(addr, page)?;
-                } else {
-                    self.enc.push_absent(addr, 1)?;
-                }
-                if self.enc.is_full() {
-                    self.write_batch()?;
-                    self.enc.begin(vpid, round);
-                }
+                    || read_slow(
+                        &mut self.mem,
+                        pid,
+                        addr,
+                        &mut room[i * PAGE_SIZE..(i + 1) * PAGE_SIZE],
+                    );
+                self.ok.push(ok);
+            }
+            let ok = &self.ok;
+            self.enc.commit_slots(chunk, |i| ok[i])?;
+            if self.enc.is_full() {
+                self.write_batch()?;
+                self.enc.begin(vpid, round);
             }
         }
         Ok(())
-    }
-
-    fn read_slow(&mut self, pid: i32, addr: u64, i: usize) -> bool {
-        if self.mem.as_ref().is_none_or(|(p, _)| *p != pid) {
-            self.mem = File::open(format!("/proc/{pid}/mem"))
-                .ok()
-                .map(|f| (pid, f));
-        }
-        match &self.mem {
-            Some((_, f)) => f
-                .read_exact_at(&mut self.buf[i * PAGE_SIZE..(i + 1) * PAGE_SIZE], addr)
-                .is_ok(),
-            None => false,
-        }
     }
 
     /// Writes what is pending and flushes; returns the batches written so far.
@@ -133,6 +125,19 @@ impl PageSender {
         self.current = None;
         self.w.flush()?;
         Ok(self.batches)
+    }
+}
+
+/// Reads one page through /proc/PID/mem (which ignores protections).
+fn read_slow(mem: &mut Option<(i32, File)>, pid: i32, addr: u64, out: &mut [u8]) -> bool {
+    if mem.as_ref().is_none_or(|(p, _)| *p != pid) {
+        *mem = File::open(format!("/proc/{pid}/mem"))
+            .ok()
+            .map(|f| (pid, f));
+    }
+    match mem {
+        Some((_, f)) => f.read_exact_at(out, addr).is_ok(),
+        None => false,
     }
 }
 

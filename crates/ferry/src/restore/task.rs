@@ -10,15 +10,31 @@ use crate::remote::Remote;
 use crate::sys::{self, ptrace, UserRegs, WaitStatus};
 
 pub fn restore_process_state(st: &mut Stub, p: &ProcessImage) -> Result<(), RestoreError> {
-    // Every disposition is set, default ones included: the stub inherited
-    // ferry's own handlers, whose code is gone.
+    // Every disposition the stub does not already have is set, default
+    // ones included: the stub inherited the handlers of the process it was
+    // cloned from (ferry, or the job's init), whose code is gone.
+    let (ign, cgt) = match crate::proc::status::read_status(st.pid) {
+        Ok(s) => (s.sig_ign, s.sig_cgt),
+        // Unknown: set every one.
+        Err(_) => (u64::MAX, u64::MAX),
+    };
+    // All actions go to scratch in one write; one remote call per signal.
+    st.r.reset_scratch();
+    let size = std::mem::size_of::<sys::KernelSigaction>();
+    let mut all = Vec::with_capacity(p.sigactions.len() * size);
+    for act in &p.sigactions {
+        all.extend_from_slice(sys::pod_bytes(act));
+    }
+    let base = st.r.put(&all)?;
     for (i, act) in p.sigactions.iter().enumerate() {
         let sig = i as u64 + 1;
         if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
             continue;
         }
-        st.r.reset_scratch();
-        let a = st.r.put(sys::pod_bytes(act))?;
+        if stub_has_action(ign, cgt, sig, act) {
+            continue;
+        }
+        let a = base + (i * size) as u64;
         let r =
             st.r.syscall_raw("rt_sigaction", libc::SYS_rt_sigaction, &[sig, a, 0, 8])?;
         // Signals 32 and 33 are reserved by glibc but settable by the
@@ -76,6 +92,16 @@ pub fn restore_process_state(st: &mut Stub, p: &ProcessImage) -> Result<(), Rest
         queue_signal(st, None, info)?;
     }
     Ok(())
+}
+
+/// Whether the stub already has the image's action for `sig`: a plain
+/// default action (SIG_DFL, no flags, no mask, no restorer) where the stub's
+/// own disposition is the default one (neither ignored nor caught in its
+/// /proc status). The stub's default actions carry no flags or mask: exec
+/// clears them, and neither ferry nor its init sets SIG_DFL with flags.
+fn stub_has_action(ign: u64, cgt: u64, sig: u64, act: &sys::KernelSigaction) -> bool {
+    let bit = 1u64 << (sig - 1);
+    (ign | cgt) & bit == 0 && sys::pod_bytes(act).iter().all(|&b| b == 0)
 }
 
 /// Re-queues a pending signal from inside the process, so the kernel
@@ -247,4 +273,39 @@ fn restore_thread_state(r: &mut Remote, t: &ThreadImage) -> Result<(), RestoreEr
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_default_actions_on_default_signals_are_skipped() {
+        let dfl = sys::KernelSigaction::default();
+        let usr1 = libc::SIGUSR1 as u64;
+        let bit = 1u64 << (usr1 - 1);
+        assert!(stub_has_action(0, 0, usr1, &dfl));
+        // The stub ignores or catches it: set it.
+        assert!(!stub_has_action(bit, 0, usr1, &dfl));
+        assert!(!stub_has_action(0, bit, usr1, &dfl));
+        // Another signal's bit does not matter.
+        assert!(stub_has_action(bit << 1, bit >> 1, usr1, &dfl));
+        // SIG_DFL with flags, a mask or a restorer, or a handler: set it.
+        for act in [
+            sys::KernelSigaction {
+                flags: 0x0400_0000,
+                ..dfl
+            },
+            sys::KernelSigaction { mask: 1, ..dfl },
+            sys::KernelSigaction {
+                restorer: 0x1000,
+                ..dfl
+            },
+            sys::KernelSigaction { handler: 1, ..dfl },
+        ] {
+            assert!(!stub_has_action(0, 0, usr1, &act));
+        }
+        // Signal 64 uses the top bit.
+        assert!(!stub_has_action(0, 1 << 63, 64, &dfl));
+    }
 }

@@ -9,6 +9,7 @@
 #![allow(unsafe_code)]
 
 pub mod abi;
+pub mod madvise;
 pub mod ptrace;
 pub mod uffd;
 

@@ -265,7 +265,12 @@ pub struct BatchEncoder {
     target: Option<(i32, u32)>,
     header: [u8; BATCH_HEADER_LEN],
     table: Vec<u8>,
+    /// Batch data is `data[..dlen]`; the rest is initialised room kept
+    /// across batches (so filling it in place never clears memory).
     data: Vec<u8>,
+    dlen: usize,
+    /// Start and page count of the room handed out by `page_slots`.
+    slots: (usize, usize),
     entries: u32,
     /// End (page number) of everything pushed, pending run included.
     end: u64,
@@ -319,6 +324,36 @@ impl<'a> BatchParts<'a> {
     }
 }
 
+/// The page at `at` of a batch's data room.
+fn slot(data: &[u8], at: usize) -> Result<&[u8; PAGE_SIZE], WireError> {
+    data.get(at..at + PAGE_SIZE)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| WireError::Encoder(format!("page slot at {at} outside the batch room")))
+}
+
+/// Compresses `page` into `scratch` if that saves at least [`MIN_SAVING`]
+/// bytes: (kind, entry code, compressed length).
+fn compress(
+    compressor: &mut Compressor,
+    page: &[u8; PAGE_SIZE],
+    scratch: &mut [u8],
+) -> Option<(EntryKind, u64, usize)> {
+    let limit = PAGE_SIZE - MIN_SAVING;
+    match compressor {
+        Compressor::None => None,
+        Compressor::Lz4(table) => {
+            match lz4_flex::block::compress_into_with_table(page, scratch, table) {
+                Ok(n) if n > 0 && n <= limit => Some((EntryKind::Lz4, K_LZ4, n)),
+                _ => None,
+            }
+        }
+        Compressor::Zstd(c) => match c.compress_to_buffer(&page[..], scratch) {
+            Ok(n) if n > 0 && n <= limit => Some((EntryKind::Zstd, K_ZSTD, n)),
+            _ => None,
+        },
+    }
+}
+
 impl BatchEncoder {
     /// An encoder aiming at [`DEFAULT_BATCH_BYTES`] per batch, never above
     /// the default frame cap.
@@ -369,7 +404,9 @@ impl BatchEncoder {
             target: None,
             header: [0; BATCH_HEADER_LEN],
             table: Vec::with_capacity(4096),
-            data: Vec::with_capacity(target_bytes.min(max_bytes) + PAGE_SIZE),
+            data: vec![0u8; target_bytes.min(max_bytes) + PAGE_SIZE],
+            dlen: 0,
+            slots: (0, 0),
             entries: 0,
             end: 0,
             written_end: 0,
@@ -399,7 +436,8 @@ impl BatchEncoder {
     /// Empties the batch, keeping its pid and round.
     pub fn clear(&mut self) {
         self.table.clear();
-        self.data.clear();
+        self.dlen = 0;
+        self.slots = (0, 0);
         self.entries = 0;
         self.end = 0;
         self.written_end = 0;
@@ -415,7 +453,7 @@ impl BatchEncoder {
     pub fn len_bytes(&self) -> usize {
         BATCH_HEADER_LEN
             + self.table.len()
-            + self.data.len()
+            + self.dlen
             + if self.run.is_some() { MAX_ENTRY_LEN } else { 0 }
     }
 
@@ -524,6 +562,15 @@ impl BatchEncoder {
         Ok(())
     }
 
+    /// Makes `data[dlen..dlen + n]` exist (initialised), keeping what is
+    /// there.
+    fn reserve_data(&mut self, n: usize) {
+        let need = self.dlen + n;
+        if self.data.len() < need {
+            self.data.resize(need.max(self.data.len() * 2), 0);
+        }
+    }
+
     /// Adds one page; returns how it will be carried.
     pub fn push(&mut self, addr: u64, page: &[u8; PAGE_SIZE]) -> Result<EntryKind, WireError> {
         let pno = self.check(addr, 1)?;
@@ -534,37 +581,100 @@ impl BatchEncoder {
         }
         self.flush_run();
         self.room(PAGE_SIZE)?;
-        let limit = PAGE_SIZE - MIN_SAVING;
-        let compressed = match &mut self.compressor {
-            Compressor::None => None,
-            Compressor::Lz4(table) => {
-                match lz4_flex::block::compress_into_with_table(page, &mut self.scratch, table) {
-                    Ok(n) if n > 0 && n <= limit => Some((EntryKind::Lz4, K_LZ4, n)),
-                    _ => None,
-                }
-            }
-            Compressor::Zstd(c) => match c.compress_to_buffer(&page[..], &mut self.scratch[..]) {
-                Ok(n) if n > 0 && n <= limit => Some((EntryKind::Zstd, K_ZSTD, n)),
-                _ => None,
-            },
-        };
-        let kind = match compressed {
+        self.slots = (0, 0);
+        let compressed = compress(&mut self.compressor, page, &mut self.scratch);
+        let (kind, n) = match compressed {
             Some((kind, code, n)) => {
                 self.entry(pno, code, Some(n as u64));
-                self.data.extend_from_slice(&self.scratch[..n]);
-                self.stats.count(kind, 1, n);
-                kind
+                self.reserve_data(n);
+                self.data[self.dlen..self.dlen + n].copy_from_slice(&self.scratch[..n]);
+                (kind, n)
             }
             None => {
                 self.entry(pno, K_RAW, None);
-                self.data.extend_from_slice(page);
-                self.stats.count(EntryKind::Raw, 1, PAGE_SIZE);
-                EntryKind::Raw
+                self.reserve_data(PAGE_SIZE);
+                self.data[self.dlen..self.dlen + PAGE_SIZE].copy_from_slice(page);
+                (EntryKind::Raw, PAGE_SIZE)
             }
         };
+        self.dlen += n;
+        self.stats.count(kind, 1, n);
         self.written_end = pno + 1;
         self.end = pno + 1;
         Ok(kind)
+    }
+
+    /// Room to read pages into in place, saving a copy of each: up to
+    /// `max` whole pages (fewer when the batch would outgrow its target
+    /// size; at least one) at the end of the batch data. Fill them, then
+    /// hand their addresses to [`commit_slots`](Self::commit_slots); any
+    /// other push in between discards the room.
+    pub fn page_slots(&mut self, max: usize) -> &mut [u8] {
+        let used = self.len_bytes() + 2 * MAX_ENTRY_LEN;
+        let fit = self.target_bytes.saturating_sub(used) / (PAGE_SIZE + MAX_ENTRY_LEN);
+        let n = fit.clamp(1, max.max(1));
+        self.reserve_data(n * PAGE_SIZE);
+        self.slots = (self.dlen, n);
+        &mut self.data[self.dlen..self.dlen + n * PAGE_SIZE]
+    }
+
+    /// Adds the first `addrs.len()` pages of the room from
+    /// [`page_slots`](Self::page_slots), page `i` at `addrs[i]` (increasing),
+    /// as [`push`](Self::push) would; those for which `present(i)` is false
+    /// are added as absent instead. Zero pages are squeezed out of the data.
+    pub fn commit_slots(
+        &mut self,
+        addrs: &[u64],
+        present: impl Fn(usize) -> bool,
+    ) -> Result<(), WireError> {
+        let (base, n) = std::mem::take(&mut self.slots);
+        if addrs.len() > n || base != self.dlen {
+            return Err(WireError::Batch {
+                pid: self.pid(),
+                why: format!(
+                    "{} pages committed, {n} slots handed out (or the batch changed since)",
+                    addrs.len()
+                ),
+            });
+        }
+        for (i, &addr) in addrs.iter().enumerate() {
+            let pno = self.check(addr, 1)?;
+            let at = base + i * PAGE_SIZE;
+            if !present(i) {
+                self.push_run(false, pno, 1)?;
+                self.stats.count(EntryKind::Absent, 1, 0);
+                continue;
+            }
+            if is_zero_page(slot(&self.data, at)?) {
+                self.push_run(true, pno, 1)?;
+                self.stats.count(EntryKind::Zero, 1, 0);
+                continue;
+            }
+            self.flush_run();
+            self.room(PAGE_SIZE)?;
+            // The write position never passes the read position: each page
+            // adds at most its own 4096 bytes.
+            let page = slot(&self.data, at)?;
+            let (kind, len) = match compress(&mut self.compressor, page, &mut self.scratch) {
+                Some((kind, code, len)) => {
+                    self.entry(pno, code, Some(len as u64));
+                    self.data[self.dlen..self.dlen + len].copy_from_slice(&self.scratch[..len]);
+                    (kind, len)
+                }
+                None => {
+                    self.entry(pno, K_RAW, None);
+                    if at != self.dlen {
+                        self.data.copy_within(at..at + PAGE_SIZE, self.dlen);
+                    }
+                    (EntryKind::Raw, PAGE_SIZE)
+                }
+            };
+            self.dlen += len;
+            self.stats.count(kind, 1, len);
+            self.written_end = pno + 1;
+            self.end = pno + 1;
+        }
+        Ok(())
     }
 
     /// Adds consecutive pages starting at `addr` (`data.len()` must be a
@@ -631,7 +741,7 @@ impl BatchEncoder {
         Ok(BatchParts {
             header: &self.header,
             table: &self.table,
-            data: &self.data,
+            data: &self.data[..self.dlen],
         })
     }
 }
@@ -1148,6 +1258,72 @@ mod tests {
             assert_eq!(es.absent_pages, 3);
             assert_eq!(es.pages(), 12);
         }
+    }
+
+    #[test]
+    fn pages_filled_in_place_encode_as_pushed_ones() {
+        let zero = [0u8; PAGE_SIZE];
+        let pages: Vec<(u64, [u8; PAGE_SIZE], bool)> = vec![
+            (0x1000, noise(1), true),
+            (0x2000, zero, true),
+            (0x3000, text(5), false),
+            (0x4000, text(2), true),
+            (0x5000, zero, true),
+            (0x6000, noise(7), true),
+            (0x9000, noise(3), true),
+            (0xa000, zero, false),
+            (0x11000, text(4), true),
+        ];
+        for mode in [Compression::None, Compression::Lz4, Compression::Zstd(1)] {
+            let mut a = BatchEncoder::new(mode).unwrap();
+            let mut b = BatchEncoder::new(mode).unwrap();
+            a.begin(7, 2);
+            b.begin(7, 2);
+            a.push(0x0, &noise(9)).unwrap();
+            b.push(0x0, &noise(9)).unwrap();
+            for (addr, p, present) in &pages {
+                if *present {
+                    a.push(*addr, p).unwrap();
+                } else {
+                    a.push_absent(*addr, 1).unwrap();
+                }
+            }
+            // In two reads of 4 and 5 pages.
+            for part in [&pages[..4], &pages[4..]] {
+                let room = b.page_slots(part.len());
+                assert_eq!(room.len(), part.len() * PAGE_SIZE);
+                for (i, (_, p, _)) in part.iter().enumerate() {
+                    room[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].copy_from_slice(p);
+                }
+                let addrs: Vec<u64> = part.iter().map(|x| x.0).collect();
+                b.commit_slots(&addrs, |i| part[i].2).unwrap();
+            }
+            assert_eq!(b.stats(), a.stats(), "{mode:?}");
+            let (pa, pb) = (a.finish().unwrap().to_vec(), b.finish().unwrap().to_vec());
+            assert_eq!(pa, pb, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn page_slots_stop_at_the_target_size_and_check_commits() {
+        let mut enc = BatchEncoder::with_sizes(Compression::None, 64 << 10, 64 << 10).unwrap();
+        enc.begin(1, 1);
+        let n = enc.page_slots(1000).len() / PAGE_SIZE;
+        assert!((1..16).contains(&n), "{n} slots");
+        // More pages than handed out are refused.
+        let addrs: Vec<u64> = (0..=n as u64).map(|i| (i + 1) << 12).collect();
+        assert!(enc.commit_slots(&addrs, |_| true).is_err());
+        let room = enc.page_slots(1000);
+        let n = room.len() / PAGE_SIZE;
+        room.fill(1);
+        enc.commit_slots(&addrs[..n], |_| true).unwrap();
+        assert!(enc.is_full());
+        assert!(enc.len_bytes() <= 64 << 10);
+        // A batch that is full still hands out one slot.
+        assert_eq!(enc.page_slots(5).len(), PAGE_SIZE);
+        // A commit without slots is refused.
+        enc.begin(1, 1);
+        assert!(enc.commit_slots(&[0x1000], |_| true).is_err());
     }
 
     #[test]
