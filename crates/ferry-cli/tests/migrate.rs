@@ -1723,6 +1723,8 @@ fn postcopy_churn_slow_link() {
 fn fault_postcopy_source_killed() {
     let Some(mut fx) = Fixture::new() else { return };
     let mut job = MigJob::start(&fx.nodes, "churn", &["32"], "12");
+    job.wait_ready();
+    sleep(Duration::from_millis(300));
     let tree = job.source_tree();
     let mut migrate = fx.migrate_bg(
         &job,
@@ -1754,10 +1756,15 @@ fn fault_postcopy_source_killed() {
     };
     job.remember(&on_b);
     sleep(Duration::from_millis(700));
-    assert!(
-        migrate.try_status().is_none(),
-        "64 MiB at 10 MB/s: post-copy should still be running"
-    );
+    if let Some(st) = migrate.try_status() {
+        panic!(
+            "64 MiB at 10 MB/s: post-copy should still be running, but ferry migrate ended \
+             ({}); stderr:\n{}\nagent:\n{}",
+            describe(st),
+            migrate.stderr_text(),
+            fx.agent.stderr()
+        );
+    }
     eprintln!(
         "job on B: {on_b:?}; killing ferry migrate (pid {})",
         migrate.pid()
@@ -1778,11 +1785,15 @@ fn fault_postcopy_source_killed() {
         );
         sleep(Duration::from_millis(20));
     }
-    assert!(
-        fx.agent.stderr().contains("killed"),
-        "the agent should report that it killed the restored job:\n{}",
-        fx.agent.stderr()
-    );
+    let end = Instant::now() + Duration::from_secs(5);
+    while !fx.agent.stderr().contains("killed") {
+        assert!(
+            Instant::now() < end,
+            "the agent should report that it killed the restored job:\n{}",
+            fx.agent.stderr()
+        );
+        sleep(Duration::from_millis(20));
+    }
     fx.agent.assert_healthy("after losing a post-copy source");
     // Let whatever survived on A end, then read the log.
     let _ = procs::wait_vanished(&tree, Duration::from_secs(20));

@@ -8,7 +8,6 @@
 
 use super::{CheckpointError, Frozen};
 use crate::proc;
-use crate::sys;
 use std::collections::HashMap;
 
 /// One process of the tree.
@@ -87,7 +86,19 @@ impl FrozenTree {
                     Ok(t) => tree.tasks.push(t),
                     // A child that exited (and was reaped) since it was
                     // listed is simply not part of the job any more.
-                    Err(CheckpointError::NoProcess { .. }) if p != root && !sys::pid_exists(p) => {}
+                    Err(CheckpointError::NoProcess { .. }) if p != root => {
+                        // It exited while being frozen: a zombie now (its
+                        // parent is frozen), or already reaped.
+                        if let Ok(st) = proc::read_stat(p) {
+                            if st.state == 'Z' {
+                                tree.tasks.push(Task {
+                                    pid: p,
+                                    zombie: Some(st.exit_code),
+                                    frozen: None,
+                                });
+                            }
+                        }
+                    }
                     Err(e) => return Err(e),
                 }
             }
