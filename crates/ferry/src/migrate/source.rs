@@ -461,36 +461,23 @@ fn live(
     session.start(&mut r, &mut w, &start)?;
     let mut streams = Vec::new();
     let mut socks = Vec::new();
-    for i in 1..=n {
+    let mut join = |index: u16| -> Result<PageSender, MigrateError> {
         let s = connect(&addr, opts.timeout)?;
-        let mut sr = FrameReader::new(s.try_clone().map_err(|e| MigrateError::Io {
+        let io = |e| MigrateError::Io {
             what: "socket".into(),
             source: e,
-        })?);
-        socks.push(s.try_clone().map_err(|e| MigrateError::Io {
-            what: "socket".into(),
-            source: e,
-        })?);
+        };
+        let mut sr = FrameReader::new(s.try_clone().map_err(io)?);
+        socks.push(s.try_clone().map_err(io)?);
         let mut sw = writer(s, limiter);
-        session.join_stream(&mut sr, &mut sw, i)?;
-        streams.push(Stream::spawn(
-            PageSender::new(sw, opts.compression, cancel.clone())?,
-            i,
-        ));
+        session.join_stream(&mut sr, &mut sw, index)?;
+        PageSender::new(sw, opts.compression, cancel.clone())
+    };
+    for i in 1..=n {
+        streams.push(Stream::spawn(join(i)?, i));
     }
     let bg = if bg_streams > 0 {
-        let s = connect(&addr, opts.timeout)?;
-        let mut sr = FrameReader::new(s.try_clone().map_err(|e| MigrateError::Io {
-            what: "socket".into(),
-            source: e,
-        })?);
-        socks.push(s.try_clone().map_err(|e| MigrateError::Io {
-            what: "socket".into(),
-            source: e,
-        })?);
-        let mut sw = writer(s, limiter);
-        session.join_stream(&mut sr, &mut sw, n + 1)?;
-        Some(PageSender::new(sw, opts.compression, cancel.clone())?)
+        Some(join(n + 1)?)
     } else {
         None
     };
@@ -798,6 +785,77 @@ fn precopy(
     })
 }
 
+/// With the tree frozen: the last harvest of `t`, then tracking off
+/// (restore must not see uffd state); `t.pending` becomes every page the
+/// target still lacks.
+fn final_harvest(t: &mut Tracked, ranges: &mut Vec<DirtyRange>) -> Result<(), MigrateError> {
+    let areas = track::read_areas(t.pid)?;
+    t.tracker.harvest(&areas, ranges)?;
+    expand(ranges, &mut t.pending);
+    t.tracker.stop()?;
+    // After stop: tracking markers no longer look like swapped pages.
+    shmem_pages(t.pid, &mut t.pending)?;
+    // Merges three sources: the round the controller stopped before
+    // sending, this harvest, and the shared memory.
+    t.pending.sort_unstable();
+    t.pending.dedup();
+    drop_unsendable(&areas, &mut t.pending);
+    Ok(())
+}
+
+/// Ends the frozen round: flushes every connection, announces the round
+/// as the last one and records it.
+fn end_frozen_round(
+    links: &mut Links,
+    rounds: &mut Vec<RoundReport>,
+    round: u32,
+    wire_round: u32,
+    pages_sent: u64,
+    t_freeze: Instant,
+) -> Result<(), MigrateError> {
+    let batches = links.end_round()?;
+    let t = t_freeze.elapsed();
+    links.send_msg(&Message::RoundEnd(wire::messages::RoundEnd {
+        round: wire_round,
+        pages_sent,
+        dirty_count: 0,
+        last: true,
+        batches,
+    }))?;
+    rounds.push(RoundReport {
+        round,
+        dirty_pages: 0,
+        pages_sent,
+        bytes_sent: pages_sent * PAGE,
+        duration_ms: t.as_secs_f64() * 1e3,
+        bandwidth: 0.0,
+        estimated_downtime_ms: 0.0,
+        frozen: true,
+    });
+    Ok(())
+}
+
+/// Sends the frozen tree's state, the contents of its deleted files, the
+/// post-copy plans if any, and Commit.
+fn commit(
+    links: &mut Links,
+    work: &ImageDir,
+    inv: crate::image::Inventory,
+    plans: Vec<wire::messages::PostcopyPlan>,
+) -> Result<(), MigrateError> {
+    let blobs: Vec<Vec<u8>> = inv
+        .blobs
+        .iter()
+        .map(|b| work.read_blob(b))
+        .collect::<Result<_, _>>()?;
+    links.send_msg(&Message::FinalState(Box::new(inv)))?;
+    handoff::send_blobs(links, &blobs)?;
+    for p in plans {
+        links.send_msg(&Message::PostcopyPlan(p))?;
+    }
+    links.send_msg(&Message::Commit)
+}
+
 /// Placeholder left in the options once the real controller is taken out.
 struct NoController;
 
@@ -837,17 +895,7 @@ fn stop_and_copy(
     let mut pages_sent = 0u64;
     // Last harvest, then tracking off: restore must not see uffd state.
     for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
-        let areas = track::read_areas(t.pid)?;
-        t.tracker.harvest(&areas, &mut ranges)?;
-        expand(&ranges, &mut t.pending);
-        t.tracker.stop()?;
-        // After stop: tracking markers no longer look like swapped pages.
-        shmem_pages(t.pid, &mut t.pending)?;
-        // Merges three sources: the round the controller stopped before
-        // sending, this harvest, and the shared memory.
-        t.pending.sort_unstable();
-        t.pending.dedup();
-        drop_unsendable(&areas, &mut t.pending);
+        final_harvest(t, &mut ranges)?;
     }
     for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
         let pages = std::mem::take(&mut t.pending);
@@ -884,33 +932,8 @@ fn stop_and_copy(
             p.vmas = ckmem::layout(task.pid, maps)?;
         }
     }
-    let batches = links.end_round()?;
-    let t = t_freeze.elapsed();
-    links.send_msg(&Message::RoundEnd(wire::messages::RoundEnd {
-        round: wire_round,
-        pages_sent,
-        dirty_count: 0,
-        last: true,
-        batches,
-    }))?;
-    rounds.push(RoundReport {
-        round,
-        dirty_pages: 0,
-        pages_sent,
-        bytes_sent: pages_sent * PAGE,
-        duration_ms: t.as_secs_f64() * 1e3,
-        bandwidth: 0.0,
-        estimated_downtime_ms: 0.0,
-        frozen: true,
-    });
-    let blobs: Vec<Vec<u8>> = inv
-        .blobs
-        .iter()
-        .map(|b| work.read_blob(b))
-        .collect::<Result<_, _>>()?;
-    links.send_msg(&Message::FinalState(Box::new(inv)))?;
-    handoff::send_blobs(links, &blobs)?;
-    links.send_msg(&Message::Commit)?;
+    end_frozen_round(links, rounds, round, wire_round, pages_sent, t_freeze)?;
+    commit(links, work, inv, Vec::new())?;
     // The target answers once the tree runs there; restores of large jobs
     // take a while, so wait patiently (link loss still ends the wait).
     let _ = links

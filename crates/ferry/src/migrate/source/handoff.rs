@@ -99,14 +99,7 @@ pub(super) fn handoff(
     let mut left: Vec<(i32, i32, Vec<u64>)> = Vec::new();
     let mut ranges = Vec::new();
     for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
-        let areas = track::read_areas(t.pid)?;
-        t.tracker.harvest(&areas, &mut ranges)?;
-        expand(&ranges, &mut t.pending);
-        t.tracker.stop()?;
-        shmem_pages(t.pid, &mut t.pending)?;
-        t.pending.sort_unstable();
-        t.pending.dedup();
-        drop_unsendable(&areas, &mut t.pending);
+        final_harvest(t, &mut ranges)?;
         *resent_total += count_common(&t.last_sent, &t.pending);
         left.push((t.pid, t.vpid, std::mem::take(&mut t.pending)));
     }
@@ -161,36 +154,8 @@ pub(super) fn handoff(
             });
         }
     }
-    let batches = links.end_round()?;
-    let t = t_freeze.elapsed();
-    links.send_msg(&Message::RoundEnd(wire::messages::RoundEnd {
-        round: wire_round,
-        pages_sent: before,
-        dirty_count: 0,
-        last: true,
-        batches,
-    }))?;
-    rounds.push(RoundReport {
-        round,
-        dirty_pages: 0,
-        pages_sent: before,
-        bytes_sent: before * PAGE,
-        duration_ms: t.as_secs_f64() * 1e3,
-        bandwidth: 0.0,
-        estimated_downtime_ms: 0.0,
-        frozen: true,
-    });
-    let blobs: Vec<Vec<u8>> = inv
-        .blobs
-        .iter()
-        .map(|b| work.read_blob(b))
-        .collect::<Result<_, _>>()?;
-    links.send_msg(&Message::FinalState(Box::new(inv)))?;
-    send_blobs(links, &blobs)?;
-    for p in plans {
-        links.send_msg(&Message::PostcopyPlan(p))?;
-    }
-    links.send_msg(&Message::Commit)?;
+    end_frozen_round(links, rounds, round, wire_round, before, t_freeze)?;
+    commit(links, work, inv, plans)?;
     let _ = links
         .r
         .get_ref()
