@@ -395,10 +395,10 @@ fn restore_job(
         for r in &p.runs {
             let len = r.npages as u64 * wire::PAGE_SIZE as u64;
             v.push((r.addr, r.addr + len));
-            for k in 0..r.npages as u64 {
-                pages.drop_page(p.pid, r.addr + k * wire::PAGE_SIZE as u64);
-            }
         }
+    }
+    for (pid, ranges) in &planned {
+        pages.drop_ranges(*pid, ranges);
     }
     let outcome = (|| -> Result<restore::Report, MigrateError> {
         image::validate_inventory(&inv)?;

@@ -96,6 +96,17 @@ impl MemPages {
         }
     }
 
+    /// Forgets every page of `pid` inside the sorted, disjoint `[start,
+    /// end)` ranges; costs what is held, not what the ranges span.
+    pub fn drop_ranges(&mut self, pid: i32, ranges: &[(u64, u64)]) {
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.index.retain(|&addr, _| {
+                let i = ranges.partition_point(|&(_, end)| end <= addr);
+                ranges.get(i).is_none_or(|&(start, _)| start > addr)
+            });
+        }
+    }
+
     /// Number of distinct pages held.
     pub fn len(&self) -> usize {
         self.procs.values().map(|p| p.index.len()).sum()
@@ -255,6 +266,21 @@ mod tests {
         m.read(&p, offset, 0, &mut buf).unwrap();
         assert!(buf[..PAGE_SIZE].iter().all(|&x| x == 2));
         assert!(buf[PAGE_SIZE..].iter().all(|&x| x == 1));
+    }
+
+    #[test]
+    fn planned_ranges_are_dropped() {
+        let mut m = MemPages::new();
+        for a in [0x1000u64, 0x2000, 0x3000, 0x8000, 0x9000] {
+            m.put(4, a, 1, Some(&[5u8; PAGE_SIZE]));
+        }
+        m.put(5, 0x2000, 1, None);
+        m.drop_ranges(4, &[(0x2000, 0x4000), (0x9000, 0xa000)]);
+        assert_eq!(m.len(), 3);
+        let mut p = crate::image::tests_support::process(4, vec![vma(0x1000, 0xa000)]);
+        m.build_runs(&mut p);
+        let kept: Vec<(u64, u32)> = p.vmas[0].pages.iter().map(|r| (r.addr, r.npages)).collect();
+        assert_eq!(kept, vec![(0x1000, 1), (0x8000, 1)]);
     }
 
     #[test]
