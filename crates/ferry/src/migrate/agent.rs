@@ -331,7 +331,7 @@ fn serve_stream(
                 Some(d) => d,
                 None => decoder.insert(wire::BatchDecoder::new()?),
             };
-            match postcopy::decode_batch(d, &f.payload) {
+            match postcopy::decode_batch(d, f.payload) {
                 Ok(a) => inbox.send(postcopy::Input::Pages(a)),
                 Err(e) => {
                     inbox.send(postcopy::Input::Lost(format!("bad page batch: {e}")));
@@ -497,7 +497,7 @@ fn serve_postcopy(
         };
         match f.ty {
             FrameType::PageBatch | FrameType::PageReply => {
-                match postcopy::decode_batch(&mut decoder, &f.payload) {
+                match postcopy::decode_batch(&mut decoder, f.payload) {
                     Ok(a) => inbox.send(postcopy::Input::Pages(a)),
                     Err(e) => break format!("bad page batch: {e}"),
                 }

@@ -43,6 +43,64 @@ const EVENT_REMAP: u8 = 0x14;
 const EVENT_REMOVE: u8 = 0x15;
 const EVENT_UNMAP: u8 = 0x16;
 
+/// A `struct uffd_msg` (32 bytes) as far as the pager cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UffdEvent {
+    /// A fault on the page at `addr`.
+    Fault {
+        addr: u64,
+    },
+    /// The process forked; `ufd` is the child's userfaultfd, installed in
+    /// this process by the read.
+    Fork {
+        ufd: u32,
+    },
+    /// mremap moved `[from, from+len)` to `to`.
+    Remap {
+        from: u64,
+        to: u64,
+        len: u64,
+    },
+    /// madvise(DONTNEED) or munmap dropped `[start, end)`.
+    Dropped {
+        start: u64,
+        end: u64,
+    },
+    Other(u8),
+}
+
+impl UffdEvent {
+    fn parse(m: &[u8]) -> UffdEvent {
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&m[o..o + 8]);
+            u64::from_ne_bytes(b)
+        };
+        match m[0] {
+            EVENT_PAGEFAULT => UffdEvent::Fault {
+                addr: u64_at(16) & !(PAGE - 1),
+            },
+            EVENT_FORK => {
+                let mut b = [0u8; 4];
+                b.copy_from_slice(&m[8..12]);
+                UffdEvent::Fork {
+                    ufd: u32::from_ne_bytes(b),
+                }
+            }
+            EVENT_REMAP => UffdEvent::Remap {
+                from: u64_at(8),
+                to: u64_at(16),
+                len: u64_at(24),
+            },
+            EVENT_REMOVE | EVENT_UNMAP => UffdEvent::Dropped {
+                start: u64_at(8),
+                end: u64_at(16),
+            },
+            other => UffdEvent::Other(other),
+        }
+    }
+}
+
 /// The planned pages of one source process, as a bitmap over its runs.
 #[derive(Debug, Default)]
 pub struct PendingSet {
@@ -100,19 +158,36 @@ impl PendingSet {
     }
 }
 
-/// Pages decoded from one batch: `data` holds the contents of the `Data`
-/// items back to back.
+/// Pages decoded from one batch. A page's contents are at `at` in the
+/// batch's own payload (raw pages: no copy) or, past its end, in
+/// `decompressed`.
 #[derive(Debug, Default)]
 pub struct Arrival {
     pub vpid: i32,
     pub items: Vec<Item>,
-    pub data: Vec<u8>,
+    payload: Vec<u8>,
+    decompressed: Vec<u8>,
 }
 
 #[derive(Debug, Clone, Copy)]
 pub enum Item {
-    Data { addr: u64, off: usize },
+    Data { addr: u64, at: usize },
     Zero { addr: u64, npages: u32 },
+}
+
+impl Arrival {
+    /// `n` pages of contents from `at`, if they lie in one buffer.
+    fn pages(&self, at: usize, n: usize) -> Option<&[u8]> {
+        let len = n * PAGE_SIZE;
+        let p = self.payload.len();
+        if at + len <= p {
+            Some(&self.payload[at..at + len])
+        } else if at >= p {
+            self.decompressed.get(at - p..at - p + len)
+        } else {
+            None
+        }
+    }
 }
 
 pub enum Input {
@@ -136,26 +211,37 @@ impl Inbox {
     }
 }
 
-/// Decodes a page batch into an [`Arrival`] (checks as the receiver does).
-pub fn decode_batch(dec: &mut BatchDecoder, payload: &[u8]) -> Result<Arrival, WireError> {
-    let mut a = Arrival::default();
-    let h = dec.decode(payload, |_, page| {
+/// Decodes a page batch into an [`Arrival`] (checks as the receiver does),
+/// keeping `payload` so raw pages are not copied again.
+pub fn decode_batch(dec: &mut BatchDecoder, payload: Vec<u8>) -> Result<Arrival, WireError> {
+    let mut items = Vec::new();
+    let mut decompressed = Vec::new();
+    let base = payload.as_ptr() as usize;
+    let end = base + payload.len();
+    let h = dec.decode(&payload, |_, page| {
         match page {
             Page::Data { addr, bytes } => {
-                a.items.push(Item::Data {
-                    addr,
-                    off: a.data.len(),
-                });
-                a.data.extend_from_slice(bytes);
+                let p = bytes.as_ptr() as usize;
+                let at = if p >= base && p < end {
+                    p - base
+                } else {
+                    decompressed.extend_from_slice(bytes);
+                    payload.len() + decompressed.len() - PAGE_SIZE
+                };
+                items.push(Item::Data { addr, at });
             }
             Page::Zero { addr, npages } | Page::Absent { addr, npages } => {
-                a.items.push(Item::Zero { addr, npages })
+                items.push(Item::Zero { addr, npages })
             }
         }
         Ok(())
     })?;
-    a.vpid = h.pid;
-    Ok(a)
+    Ok(Arrival {
+        vpid: h.pid,
+        items,
+        payload,
+        decompressed,
+    })
 }
 
 /// A userfaultfd context: a restored process, or a child it forked during
@@ -515,20 +601,10 @@ impl Pager {
     }
 
     fn on_event(&mut self, i: usize, m: &[u8]) -> Result<(), MigrateError> {
-        let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&m[o..o + 8]);
-            u64::from_ne_bytes(b)
-        };
-        match m[0] {
-            EVENT_PAGEFAULT => {
-                let addr = u64_at(16) & !(PAGE - 1);
-                self.on_fault(i, addr);
-            }
-            EVENT_FORK => {
-                let mut b = [0u8; 4];
-                b.copy_from_slice(&m[8..12]);
-                let fd = sys::adopt_fork_uffd(u32::from_ne_bytes(b))
+        match UffdEvent::parse(m) {
+            UffdEvent::Fault { addr } => self.on_fault(i, addr),
+            UffdEvent::Fork { ufd } => {
+                let fd = sys::adopt_fork_uffd(ufd)
                     .map_err(|e| io_err("userfaultfd of a forked child", e))?;
                 let parent = &self.spaces[i];
                 let mut child = Space::new(Arc::new(fd), parent.vpid)?;
@@ -537,15 +613,9 @@ impl Pager {
                 tracing::debug!(vpid = parent.vpid, "the job forked during post-copy");
                 self.spaces.push(child);
             }
-            EVENT_REMAP => {
-                let (from, to, len) = (u64_at(8), u64_at(16), u64_at(24));
-                self.spaces[i].remap(from, to, len);
-            }
-            EVENT_REMOVE | EVENT_UNMAP => {
-                let (start, end) = (u64_at(8), u64_at(16));
-                self.spaces[i].drop_range(start, end);
-            }
-            other => tracing::debug!("userfaultfd event {other:#x} ignored"),
+            UffdEvent::Remap { from, to, len } => self.spaces[i].remap(from, to, len),
+            UffdEvent::Dropped { start, end } => self.spaces[i].drop_range(start, end),
+            UffdEvent::Other(e) => tracing::debug!("userfaultfd event {e:#x} ignored"),
         }
         Ok(())
     }
@@ -657,9 +727,9 @@ impl Pager {
         let mut todo: Vec<(u64, Option<usize>)> = Vec::with_capacity(a.items.len());
         for it in &a.items {
             match *it {
-                Item::Data { addr, off } => {
+                Item::Data { addr, at } => {
                     if pending.take(addr) {
-                        todo.push((addr, Some(off)));
+                        todo.push((addr, Some(at)));
                     }
                 }
                 Item::Zero { addr, npages } => {
@@ -676,47 +746,44 @@ impl Pager {
         }
         self.placed += todo.len() as u64;
         self.last_page = Some(now);
+        // Runs of pages at consecutive addresses whose contents are
+        // consecutive in one buffer: one UFFDIO_COPY each where the space
+        // has the source's addresses.
+        let mut runs: Vec<(u64, Option<usize>, usize)> = Vec::with_capacity(todo.len());
+        for &(addr, at) in &todo {
+            if let Some((a0, Some(at0), n)) = runs.last_mut() {
+                if at.is_some()
+                    && addr == *a0 + *n as u64 * PAGE
+                    && at == Some(*at0 + *n * PAGE_SIZE)
+                    && a.pages(*at0, *n + 1).is_some()
+                {
+                    *n += 1;
+                    continue;
+                }
+            }
+            runs.push((addr, at, 1));
+        }
         for i in 0..self.spaces.len() {
             if self.spaces[i].vpid != a.vpid || self.spaces[i].dead {
                 continue;
             }
             let fd = self.spaces[i].fd.clone();
-            let mut k = 0;
-            while k < todo.len() {
-                // Contiguous data pages go in one UFFDIO_COPY.
-                let (addr, off) = todo[k];
-                let mut n = 1;
-                if let Some(off) = off {
-                    while k + n < todo.len()
-                        && todo[k + n].0 == addr + n as u64 * PAGE
-                        && todo[k + n].1 == Some(off + n * PAGE_SIZE)
-                    {
-                        n += 1;
-                    }
-                }
-                let s = &self.spaces[i];
-                let local = s.to_local(addr);
-                let contiguous = s.moves.is_empty() && s.gone.is_empty();
-                if n > 1 && contiguous {
-                    self.copy_run(
-                        i,
-                        a.vpid,
-                        local,
-                        &a.data[off.unwrap_or(0)..][..n * PAGE_SIZE],
-                        &fd,
-                    );
-                } else {
-                    for j in 0..n {
-                        let (addr, off) = todo[k + j];
-                        let local = self.spaces[i].to_local(addr);
-                        if self.spaces[i].is_gone(local) {
-                            continue;
+            let unmoved = self.spaces[i].moves.is_empty() && self.spaces[i].gone.is_empty();
+            for &(addr, at, n) in &runs {
+                match (at.and_then(|at| a.pages(at, n)), unmoved) {
+                    (Some(data), true) if n > 1 => self.copy_run(i, a.vpid, addr, data, &fd),
+                    _ => {
+                        for j in 0..n {
+                            let src = addr + j as u64 * PAGE;
+                            let local = self.spaces[i].to_local(src);
+                            if self.spaces[i].is_gone(local) {
+                                continue;
+                            }
+                            let data = at.and_then(|at| a.pages(at + j * PAGE_SIZE, 1));
+                            self.fill(i, local, Some((a.vpid, src)), data, &fd);
                         }
-                        let data = off.map(|o| &a.data[o..o + PAGE_SIZE]);
-                        self.fill(i, local, Some((a.vpid, addr)), data, &fd);
                     }
                 }
-                k += n;
             }
         }
         for (addr, _) in todo {
@@ -804,17 +871,15 @@ fn serve_zero_faults(fds: &[Arc<OwnedFd>], stop: &AtomicBool) {
                     break;
                 }
                 for m in buf[..n].chunks_exact(MSG_LEN) {
-                    if m[0] == EVENT_PAGEFAULT {
-                        let mut b = [0u8; 8];
-                        b.copy_from_slice(&m[16..24]);
-                        let addr = u64::from_ne_bytes(b) & !(PAGE - 1);
-                        if uffd::zeropage(r.as_fd(), addr, PAGE, 0).is_err() {
+                    match UffdEvent::parse(m) {
+                        // Already there: wake the waiter instead.
+                        UffdEvent::Fault { addr }
+                            if uffd::zeropage(r.as_fd(), addr, PAGE, 0).is_err() =>
+                        {
                             let _ = uffd::wake(r.as_fd(), addr, PAGE);
                         }
-                    } else if m[0] == EVENT_FORK {
-                        let mut b = [0u8; 4];
-                        b.copy_from_slice(&m[8..12]);
-                        drop(sys::adopt_fork_uffd(u32::from_ne_bytes(b)));
+                        UffdEvent::Fork { ufd } => drop(sys::adopt_fork_uffd(ufd)),
+                        _ => {}
                     }
                 }
             }
@@ -879,6 +944,44 @@ mod tests {
     }
 
     #[test]
+    fn uffd_messages_are_parsed() {
+        let msg = |event: u8, words: [u64; 3]| {
+            let mut m = [0u8; MSG_LEN];
+            m[0] = event;
+            for (k, w) in words.iter().enumerate() {
+                m[8 + 8 * k..16 + 8 * k].copy_from_slice(&w.to_ne_bytes());
+            }
+            m
+        };
+        assert_eq!(
+            UffdEvent::parse(&msg(EVENT_PAGEFAULT, [1, 0x7000_1234, 0])),
+            UffdEvent::Fault { addr: 0x7000_1000 }
+        );
+        assert_eq!(
+            UffdEvent::parse(&msg(EVENT_FORK, [0xffff_ffff_0000_0009, 0, 0])),
+            UffdEvent::Fork { ufd: 9 }
+        );
+        assert_eq!(
+            UffdEvent::parse(&msg(EVENT_REMAP, [0x1000, 0x9000, 0x2000])),
+            UffdEvent::Remap {
+                from: 0x1000,
+                to: 0x9000,
+                len: 0x2000
+            }
+        );
+        for e in [EVENT_REMOVE, EVENT_UNMAP] {
+            assert_eq!(
+                UffdEvent::parse(&msg(e, [0x1000, 0x3000, 0])),
+                UffdEvent::Dropped {
+                    start: 0x1000,
+                    end: 0x3000
+                }
+            );
+        }
+        assert_eq!(UffdEvent::parse(&msg(0x99, [0; 3])), UffdEvent::Other(0x99));
+    }
+
+    #[test]
     fn pending_set_takes_each_page_once() {
         let mut p = PendingSet::new(&[run(0x1000, 3), run(0x10000, 70)]);
         assert_eq!(p.left(), 73);
@@ -912,7 +1015,7 @@ mod tests {
         assert_eq!(s.to_local(0x14000), 0x14000);
         assert_eq!(s.to_source(0x52000), 0x12000);
         assert!(s.is_gone(0x51000));
-        assert!(!s.is_gone(0x11000) || s.gone.iter().all(|&(x, _)| x != 0x11000));
+        assert!(!s.is_gone(0x11000), "the dropped page moved with its range");
         s.drop_range(0x60000, 0x70000);
         s.remap(0x80000, 0x60000, 0x1000);
         assert!(!s.is_gone(0x60000));
