@@ -609,25 +609,23 @@ fn precopy(
             if t.gone {
                 continue;
             }
-            let areas = match track::read_areas(t.pid) {
+            let harvested = track::read_areas(t.pid)
+                .map_err(MigrateError::from)
+                .and_then(|areas| {
+                    t.tracker.harvest(&areas, &mut ranges)?;
+                    Ok(areas)
+                });
+            let areas = match harvested {
                 Ok(a) => a,
+                // A short-lived child of the job exited: nothing to send.
                 Err(_) if t.pid != pid && !crate::sys::pid_exists(t.pid) => {
                     tracing::debug!(pid = t.pid, "process exited during the live phase");
                     t.gone = true;
                     t.pending.clear();
                     continue;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(e),
             };
-            match t.tracker.harvest(&areas, &mut ranges) {
-                Ok(_) => {}
-                Err(_) if t.pid != pid && !crate::sys::pid_exists(t.pid) => {
-                    t.gone = true;
-                    t.pending.clear();
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            }
             // Sorted, disjoint ranges (the Tracker contract): sorted pages.
             expand(&ranges, &mut t.pending);
             drop_unsendable(&areas, &mut t.pending);
@@ -684,42 +682,24 @@ fn precopy(
     let live_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t_freeze = Instant::now();
     let tree = FrozenTree::freeze(pid)?;
-    let mut post: Option<handoff::Handoff> = None;
+    let frozen = Final {
+        tree: &tree,
+        links,
+        work,
+        tracked: &mut *tracked,
+        rounds: &mut rounds,
+        round,
+        wire_round,
+        resent_total: &mut resent_total,
+        t_freeze,
+    };
     let res = if opts.mode.is_postcopy() {
         // Hand over now; the rest follows once the job runs there.
-        handoff::handoff(
-            &tree,
-            links,
-            work,
-            tracked,
-            &mut rounds,
-            round,
-            wire_round,
-            &mut resent_total,
-            t_freeze,
-            cancel,
-            progress,
-        )
-        .map(|h| {
-            let x = (h.target_pid, h.restore_ms, h.threads, h.processes);
-            post = Some(h);
-            x
-        })
+        handoff::handoff(frozen, cancel, progress).map(|h| (h.handed, Some(h)))
     } else {
-        // Stop and copy.
-        stop_and_copy(
-            &tree,
-            links,
-            work,
-            tracked,
-            &mut rounds,
-            round,
-            wire_round,
-            &mut resent_total,
-            t_freeze,
-        )
+        stop_and_copy(frozen).map(|h| (h, None))
     };
-    let (target_pid, restore_ms, threads, processes) = match res {
+    let (handed, post) = match res {
         Ok(x) => x,
         Err(e) => {
             // Also after a resume there: without the pages still here, the
@@ -728,6 +708,12 @@ fn precopy(
             return Err(e);
         }
     };
+    let Handed {
+        target_pid,
+        restore_ms,
+        threads,
+        processes,
+    } = handed;
     let downtime = match &post {
         Some(h) => h.resume,
         None => t_freeze.elapsed(),
@@ -849,7 +835,22 @@ fn commit(
         .map(|b| work.read_blob(b))
         .collect::<Result<_, _>>()?;
     links.send_msg(&Message::FinalState(Box::new(inv)))?;
-    handoff::send_blobs(links, &blobs)?;
+    for (i, data) in blobs.iter().enumerate() {
+        // Pieces in order; an empty blob still gets its one (empty) piece.
+        let mut off = 0usize;
+        loop {
+            let end = (off + wire::messages::BLOB_CHUNK).min(data.len());
+            links.send_msg(&Message::Blob(wire::messages::BlobChunk {
+                index: i as u32,
+                offset: off as u64,
+                data: data[off..end].to_vec(),
+            }))?;
+            off = end;
+            if off >= data.len() {
+                break;
+            }
+        }
+    }
     for p in plans {
         links.send_msg(&Message::PostcopyPlan(p))?;
     }
@@ -876,34 +877,41 @@ impl Controller for NoController {
     }
 }
 
-/// With the tree frozen: last pages, full state, commit; returns the
-/// target's pid of the restored root and its restore time.
-#[allow(clippy::too_many_arguments)]
-fn stop_and_copy(
+/// Where the job ended up on the target.
+#[derive(Debug, Clone, Copy)]
+struct Handed {
+    target_pid: i32,
+    restore_ms: f64,
+    threads: usize,
+    processes: usize,
+}
+
+/// The pages of one live process of the frozen tree that the target lacks.
+struct Left {
+    pid: i32,
+    vpid: i32,
+    pages: Vec<u64>,
+}
+
+/// With the tree frozen: every page the target still lacks. Tracked
+/// processes get their last harvest (tracking off); processes born during
+/// the live phase were never tracked, so all of theirs.
+fn remaining_pages(
     tree: &FrozenTree,
-    links: &mut Links,
-    work: &ImageDir,
     tracked: &mut [Tracked],
-    rounds: &mut Vec<RoundReport>,
-    round: u32,
-    wire_round: u32,
     resent_total: &mut u64,
-    t_freeze: Instant,
-) -> Result<(i32, f64, usize, usize), MigrateError> {
-    let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
+) -> Result<Vec<Left>, MigrateError> {
+    let mut left = Vec::new();
     let mut ranges = Vec::new();
-    let mut pages_sent = 0u64;
-    // Last harvest, then tracking off: restore must not see uffd state.
     for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
         final_harvest(t, &mut ranges)?;
+        *resent_total += count_common(&t.last_sent, &t.pending);
+        left.push(Left {
+            pid: t.pid,
+            vpid: t.vpid,
+            pages: std::mem::take(&mut t.pending),
+        });
     }
-    for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
-        let pages = std::mem::take(&mut t.pending);
-        *resent_total += count_common(&t.last_sent, &pages);
-        pages_sent += pages.len() as u64;
-        links.send(t.pid, t.vpid, wire_round, &pages, &mut split)?;
-    }
-    // Processes born during the live phase were never tracked: all of it.
     for task in &tree.tasks {
         if task.frozen.is_none() || tracked.iter().any(|t| t.pid == task.pid) {
             continue;
@@ -911,18 +919,22 @@ fn stop_and_copy(
         let maps = proc::read_smaps(task.pid)?;
         let mut pages = Vec::new();
         wanted_pages(task.pid, &maps, &mut pages)?;
-        pages_sent += pages.len() as u64;
-        links.send(
-            task.pid,
-            tree.vpid_of(task.pid),
-            wire_round,
-            &pages,
-            &mut split,
-        )?;
+        left.push(Left {
+            pid: task.pid,
+            vpid: tree.vpid_of(task.pid),
+            pages,
+        });
     }
+    Ok(left)
+}
+
+/// The frozen tree's state with its areas (their page runs are built by
+/// the target from what it received).
+fn capture_frozen(
+    tree: &FrozenTree,
+    work: &ImageDir,
+) -> Result<crate::image::Inventory, MigrateError> {
     let (mut inv, maps_of) = checkpoint::capture_state(tree, work)?;
-    let threads = inv.processes.iter().map(|p| p.threads.len()).sum();
-    let processes = inv.processes.len();
     for (task, (p, maps)) in tree
         .tasks
         .iter()
@@ -932,20 +944,77 @@ fn stop_and_copy(
             p.vmas = ckmem::layout(task.pid, maps)?;
         }
     }
-    end_frozen_round(links, rounds, round, wire_round, pages_sent, t_freeze)?;
-    commit(links, work, inv, Vec::new())?;
-    // The target answers once the tree runs there; restores of large jobs
-    // take a while, so wait patiently (link loss still ends the wait).
+    Ok(inv)
+}
+
+/// After Commit: the target's answer, once the tree runs there. Restores
+/// of large jobs take a while, so it waits patiently (link loss still ends
+/// the wait).
+fn await_restored(links: &mut Links, inv_counts: (usize, usize)) -> Result<Handed, MigrateError> {
     let _ = links
         .r
         .get_ref()
         .set_read_timeout(Some(Duration::from_secs(600)));
     match await_outcome(links)? {
-        Outcome::Restored(x) => Ok((x.pid, x.restore_ms as f64, threads, processes)),
+        Outcome::Restored(x) => Ok(Handed {
+            target_pid: x.pid,
+            restore_ms: x.restore_ms as f64,
+            threads: inv_counts.0,
+            processes: inv_counts.1,
+        }),
         Outcome::Failed(reason) => Err(MigrateError::Refused(format!(
             "the target could not restore the job: {reason}"
         ))),
     }
+}
+
+/// Threads and processes of an inventory.
+fn counts(inv: &crate::image::Inventory) -> (usize, usize) {
+    (
+        inv.processes.iter().map(|p| p.threads.len()).sum(),
+        inv.processes.len(),
+    )
+}
+
+/// What the frozen phase works with (stop-and-copy or post-copy handoff).
+struct Final<'a> {
+    tree: &'a FrozenTree,
+    links: &'a mut Links,
+    work: &'a ImageDir,
+    tracked: &'a mut [Tracked],
+    rounds: &'a mut Vec<RoundReport>,
+    /// The report's round number and the wire's of the frozen round.
+    round: u32,
+    wire_round: u32,
+    resent_total: &'a mut u64,
+    t_freeze: Instant,
+}
+
+/// With the tree frozen: last pages, full state, commit, and the target's
+/// answer.
+fn stop_and_copy(f: Final) -> Result<Handed, MigrateError> {
+    let Final {
+        tree,
+        links,
+        work,
+        tracked,
+        rounds,
+        round,
+        wire_round,
+        resent_total,
+        t_freeze,
+    } = f;
+    let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
+    let mut pages_sent = 0u64;
+    for l in remaining_pages(tree, tracked, resent_total)? {
+        pages_sent += l.pages.len() as u64;
+        links.send(l.pid, l.vpid, wire_round, &l.pages, &mut split)?;
+    }
+    let inv = capture_frozen(tree, work)?;
+    let n = counts(&inv);
+    end_frozen_round(links, rounds, round, wire_round, pages_sent, t_freeze)?;
+    commit(links, work, inv, Vec::new())?;
+    await_restored(links, n)
 }
 
 fn await_outcome(links: &mut Links) -> Result<Outcome, MigrateError> {

@@ -23,10 +23,7 @@ const CODE_AROUND: u64 = 1;
 const BG_CHUNK: usize = 32;
 
 pub(super) struct Handoff {
-    pub target_pid: i32,
-    pub restore_ms: f64,
-    pub threads: usize,
-    pub processes: usize,
+    pub handed: Handed,
     pub resume: Duration,
     pub done: PostcopyDone,
     pub before: u64,
@@ -49,22 +46,52 @@ enum FromTarget {
     Lost(String),
 }
 
-/// Whether the target must have `addr` of `p` before the job resumes.
-fn eager(p: &ProcessImage, addr: u64) -> bool {
+/// Sorted, disjoint `[start, end)` windows of `p` around each thread's
+/// stack and instruction pointers: what the threads touch first.
+fn hot_windows(p: &ProcessImage) -> Vec<(u64, u64)> {
+    windows_around(p.threads.iter().map(|t| (t.regs.rsp, t.regs.rip)))
+}
+
+/// The windows for (stack pointer, instruction pointer) pairs.
+fn windows_around(regs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut w: Vec<(u64, u64)> = regs
+        .flat_map(|(rsp, rip)| {
+            let sp = rsp & !(PAGE - 1);
+            let ip = rip & !(PAGE - 1);
+            [
+                (
+                    sp.saturating_sub(STACK_BELOW * PAGE),
+                    sp + (STACK_ABOVE + 1) * PAGE,
+                ),
+                (
+                    ip.saturating_sub(CODE_AROUND * PAGE),
+                    ip + (CODE_AROUND + 1) * PAGE,
+                ),
+            ]
+        })
+        .collect();
+    w.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(w.len());
+    for (s, e) in w {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
+}
+
+/// Whether the target must have `addr` of `p` before the job resumes:
+/// it is not in private anonymous memory (userfaultfd MISSING mode cannot
+/// hold it back), or it is in one of the `hot` windows.
+fn eager(p: &ProcessImage, hot: &[(u64, u64)], addr: u64) -> bool {
     let i = p.vmas.partition_point(|v| v.end <= addr);
     let anon_private = p
         .vmas
         .get(i)
         .is_some_and(|v| v.start <= addr && !v.shared && matches!(v.kind, VmaKind::Anon { .. }));
-    if !anon_private {
-        return true;
-    }
-    p.threads.iter().any(|t| {
-        let sp = t.regs.rsp & !(PAGE - 1);
-        let ip = t.regs.rip & !(PAGE - 1);
-        (addr + STACK_BELOW * PAGE >= sp && addr <= sp + STACK_ABOVE * PAGE)
-            || (addr + CODE_AROUND * PAGE >= ip && addr <= ip + CODE_AROUND * PAGE)
-    })
+    let i = hot.partition_point(|&(s, _)| s <= addr);
+    !anon_private || (i > 0 && addr < hot[i - 1].1)
 }
 
 fn runs_of(pages: &[u64]) -> Vec<PlanRun> {
@@ -80,60 +107,38 @@ fn runs_of(pages: &[u64]) -> Vec<PlanRun> {
 
 /// With `tree` frozen: eager pages, state, plan, commit; then the post-copy
 /// phase until the target has every page.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn handoff(
-    tree: &FrozenTree,
-    links: &mut Links,
-    work: &ImageDir,
-    tracked: &mut [Tracked],
-    rounds: &mut Vec<RoundReport>,
-    round: u32,
-    wire_round: u32,
-    resent_total: &mut u64,
-    t_freeze: Instant,
+    f: Final,
     cancel: &AtomicBool,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Handoff, MigrateError> {
-    // What the target does not have yet, per process: as a stop-and-copy
-    // would send it.
-    let mut left: Vec<(i32, i32, Vec<u64>)> = Vec::new();
-    let mut ranges = Vec::new();
-    for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
-        final_harvest(t, &mut ranges)?;
-        *resent_total += count_common(&t.last_sent, &t.pending);
-        left.push((t.pid, t.vpid, std::mem::take(&mut t.pending)));
-    }
-    for task in &tree.tasks {
-        if task.frozen.is_none() || tracked.iter().any(|t| t.pid == task.pid) {
-            continue;
-        }
-        let maps = proc::read_smaps(task.pid)?;
-        let mut pages = Vec::new();
-        wanted_pages(task.pid, &maps, &mut pages)?;
-        left.push((task.pid, tree.vpid_of(task.pid), pages));
-    }
-    let (mut inv, maps_of) = checkpoint::capture_state(tree, work)?;
-    let threads = inv.processes.iter().map(|p| p.threads.len()).sum();
-    let processes = inv.processes.len();
-    for (task, (p, maps)) in tree
-        .tasks
-        .iter()
-        .zip(inv.processes.iter_mut().zip(&maps_of))
-    {
-        if let Some(maps) = maps {
-            p.vmas = ckmem::layout(task.pid, maps)?;
-        }
-    }
+    let Final {
+        tree,
+        links,
+        work,
+        tracked,
+        rounds,
+        round,
+        wire_round,
+        resent_total,
+        t_freeze,
+    } = f;
+    // What the target does not have yet: as a stop-and-copy would send it.
+    let left = remaining_pages(tree, tracked, resent_total)?;
+    let inv = capture_frozen(tree, work)?;
+    let n = counts(&inv);
     // Split into what goes now and what is planned.
     let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
     let mut plans = Vec::new();
     let mut rest = Vec::new();
     let mut before = 0u64;
-    for (pid, vpid, pages) in left {
+    for Left { pid, vpid, pages } in left {
         let Some(p) = inv.processes.iter().find(|p| p.pid == vpid) else {
             continue;
         };
-        let (now, later): (Vec<u64>, Vec<u64>) = pages.into_iter().partition(|&a| eager(p, a));
+        let hot = hot_windows(p);
+        let (now, later): (Vec<u64>, Vec<u64>) =
+            pages.into_iter().partition(|&a| eager(p, &hot, a));
         before += now.len() as u64;
         links.send(pid, vpid, wire_round, &now, &mut split)?;
         if !later.is_empty() {
@@ -156,18 +161,7 @@ pub(super) fn handoff(
     }
     end_frozen_round(links, rounds, round, wire_round, before, t_freeze)?;
     commit(links, work, inv, plans)?;
-    let _ = links
-        .r
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(600)));
-    let restored = match await_outcome(links)? {
-        Outcome::Restored(x) => x,
-        Outcome::Failed(reason) => {
-            return Err(MigrateError::Refused(format!(
-                "the target could not restore the job: {reason}"
-            )))
-        }
-    };
+    let handed = await_restored(links, n)?;
     let resume = t_freeze.elapsed();
     let after: u64 = rest.iter().map(|r| r.pages.len() as u64).sum();
     progress(&Progress {
@@ -181,34 +175,12 @@ pub(super) fn handoff(
     let done = stream_rest(links, rest, wire_round + 1, cancel)?;
     links.send_msg(&Message::Ack)?;
     Ok(Handoff {
-        target_pid: restored.pid,
-        restore_ms: restored.restore_ms as f64,
-        threads,
-        processes,
+        handed,
         resume,
         done,
         before,
         after,
     })
-}
-
-pub(super) fn send_blobs(links: &mut Links, blobs: &[Vec<u8>]) -> Result<(), MigrateError> {
-    for (i, data) in blobs.iter().enumerate() {
-        let mut off = 0usize;
-        loop {
-            let end = (off + wire::messages::BLOB_CHUNK).min(data.len());
-            links.send_msg(&Message::Blob(wire::messages::BlobChunk {
-                index: i as u32,
-                offset: off as u64,
-                data: data[off..end].to_vec(),
-            }))?;
-            off = end;
-            if off >= data.len() {
-                break;
-            }
-        }
-    }
-    Ok(())
 }
 
 /// The post-copy phase: background pages in address order from where the
@@ -351,5 +323,32 @@ fn stream_rest(
         let bg = links.bg.as_mut().unwrap_or(&mut links.main);
         bg.send(r.pid, r.vpid, round, &chunk)?;
         bg.end_round()?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hot_windows_cover_stack_and_code_and_merge() {
+        // Two threads with neighbouring stacks, one shared code page.
+        let w = windows_around([(0x7000_0010, 0x40_1234), (0x7000_3ff0, 0x40_1000)].into_iter());
+        assert_eq!(
+            w,
+            vec![
+                (0x40_0000, 0x40_3000),
+                (0x7000_0000 - PAGE, 0x7000_3000 + (STACK_ABOVE + 1) * PAGE),
+            ]
+        );
+    }
+
+    #[test]
+    fn runs_of_joins_consecutive_pages() {
+        let r = runs_of(&[0x1000, 0x2000, 0x3000, 0x9000]);
+        assert_eq!(
+            r.iter().map(|r| (r.addr, r.npages)).collect::<Vec<_>>(),
+            vec![(0x1000, 3), (0x9000, 1)]
+        );
     }
 }
