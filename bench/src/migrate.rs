@@ -1036,16 +1036,61 @@ impl Drop for RunCleanup<'_> {
 fn start_job(ctx: &Ctx, nodes: &Nodes, w: &Workload, dir: &Path) -> Result<(i32, PathBuf)> {
     let log = dir.join("job.log");
     let stop = dir.join("stop");
-    let mut cmd = nodes.command(Ns::A, &ctx.ferry);
+    let pid = start_detached(
+        nodes,
+        &ctx.ferry,
+        dir,
+        &log,
+        &[],
+        &ctx.synth,
+        &w.args(),
+        &[
+            ("WORKLOAD_SECS", ctx.args.job_secs.to_string().as_ref()),
+            ("SYNTH_STOP_FILE", stop.as_os_str()),
+        ],
+        Duration::from_secs(60 + 30 * w.mem.div_ceil(1024)),
+    )?;
+    Ok((pid, log))
+}
+
+/// Settings a job must not inherit from the benchmark's environment.
+pub(crate) const INHERITED_LIBRARY_ENV: [&str; 6] = [
+    "LD_PRELOAD",
+    "FERRY_ZERO",
+    "FERRY_ZERO_MIN",
+    "FERRY_ZERO_RELEASE_MIN",
+    "FERRY_ZERO_REALLOC",
+    "FERRY_ZERO_STATS",
+];
+
+/// Starts `ferry run --detach --log LOG RUN_OPTS.. -- PROGRAM ARGS..` in
+/// namespace A with `env` (and none of the library settings of our own
+/// environment) and waits until the job prints READY; returns its pid.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn start_detached(
+    nodes: &Nodes,
+    ferry: &Path,
+    dir: &Path,
+    log: &Path,
+    run_opts: &[String],
+    program: &Path,
+    args: &[String],
+    env: &[(&str, &std::ffi::OsStr)],
+    ready_within: Duration,
+) -> Result<i32> {
+    let mut cmd = nodes.command(Ns::A, ferry);
+    for k in INHERITED_LIBRARY_ENV {
+        cmd.env_remove(k);
+    }
     cmd.arg("run")
         .arg("--detach")
         .arg("--log")
-        .arg(&log)
+        .arg(log)
+        .args(run_opts)
         .arg("--")
-        .arg(&ctx.synth)
-        .args(w.args())
-        .env("WORKLOAD_SECS", ctx.args.job_secs.to_string())
-        .env("SYNTH_STOP_FILE", &stop);
+        .arg(program)
+        .args(args)
+        .envs(env.iter().copied());
     let shown = util::show_command(&cmd);
     let out = util::run_command(&mut cmd, Duration::from_secs(30), dir, "ferry-run")
         .with_context(|| format!("running `{shown}`"))?;
@@ -1057,32 +1102,62 @@ fn start_job(ctx: &Ctx, nodes: &Nodes, w: &Workload, dir: &Path) -> Result<(i32,
         );
     }
     let pid = util::detached_pid(&out.stdout)?;
-    let ready = Duration::from_secs(60 + 30 * w.mem.div_ceil(1024));
-    let t0 = Instant::now();
-    loop {
-        util::check_interrupted()?;
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.starts_with("FAIL")) {
-            bail!("the job failed before READY: {l}");
-        }
-        if text.lines().any(|l| l == "READY") {
-            break;
-        }
-        if util::proc_stat(pid).is_none_or(|(_, s)| matches!(s, 'Z' | 'X')) {
-            bail!(
-                "the job (pid {pid}) exited before READY; log:\n{}",
-                util::log_tail(&log, 20)
-            );
-        }
-        if t0.elapsed() > ready {
-            bail!(
-                "the job not READY after {ready:?}; log:\n{}",
-                util::log_tail(&log, 20)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    util::wait_line(log, "READY", Some(pid), ready_within, "before READY")?;
+    Ok(pid)
+}
+
+/// `ferry migrate PID --to TO --token-file TOKEN ARGS.. --json`, run in
+/// namespace A.
+pub(crate) struct Migration {
+    /// The report (one JSON object).
+    pub(crate) stdout: String,
+    /// Realtime just before it started, and how long it ran.
+    pub(crate) t_start: f64,
+    pub(crate) wall: Duration,
+    pub(crate) shown: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn migrate_job(
+    nodes: &Nodes,
+    ferry: &Path,
+    dir: &Path,
+    pid: i32,
+    to: &str,
+    token: &Path,
+    args: &[&str],
+    timeout: Duration,
+    log: &Path,
+) -> Result<Migration> {
+    let mut cmd = nodes.command(Ns::A, ferry);
+    cmd.arg("migrate")
+        .arg(pid.to_string())
+        .arg("--to")
+        .arg(to)
+        .arg("--token-file")
+        .arg(token)
+        .args(args)
+        .arg("--json");
+    let shown = util::show_command(&cmd);
+    let t_start = realtime();
+    let out = util::run_command(&mut cmd, timeout, dir, "migrate")
+        .with_context(|| format!("running `{shown}`"))?;
+    if !out.status.success() {
+        bail!(
+            "`{shown}` failed ({}) after {:.1} s; stderr:\n{}\nstdout:\n{}\njob log:\n{}",
+            util::describe_status(out.status),
+            out.wall.as_secs_f64(),
+            util::indent(out.stderr.trim_end()),
+            util::indent(out.stdout.trim_end()),
+            util::log_tail(log, 5)
+        );
     }
-    Ok((pid, log))
+    Ok(Migration {
+        stdout: out.stdout,
+        t_start,
+        wall: out.wall,
+        shown,
+    })
 }
 
 /// Tells the job to finish (stop file) and waits for its verdict.
@@ -1122,41 +1197,25 @@ fn run_one(ctx: &Ctx, nodes: &Nodes, keep: &[i32], spec: &RunSpec) -> Result<Run
     util::sleep(Duration::from_millis(ctx.args.settle_ms))?;
     util::check_log_ok(&log, "before the migration")?;
 
-    let mut cmd = nodes.command(Ns::A, &ctx.ferry);
-    cmd.arg("migrate")
-        .arg(pid.to_string())
-        .arg("--to")
-        .arg(&spec.to)
-        .arg("--token-file")
-        .arg(&ctx.token)
-        .arg("--controller")
-        .arg(spec.controller)
-        .args(spec.extra)
-        .args(
-            ctx.args
-                .tracker
-                .as_deref()
-                .map(|t| ["--tracker", t])
-                .into_iter()
-                .flatten(),
-        )
-        .arg("--json");
-    let shown = util::show_command(&cmd);
-    let t_start = realtime();
-    let out = util::run_command(&mut cmd, ctx.timeout, &dir, "migrate")
-        .with_context(|| format!("running `{shown}`"))?;
-    let t_end = t_start + out.wall.as_secs_f64();
-    if !out.status.success() {
-        bail!(
-            "`{shown}` failed ({}) after {:.1} s; stderr:\n{}\nstdout:\n{}\njob log:\n{}",
-            util::describe_status(out.status),
-            out.wall.as_secs_f64(),
-            util::indent(out.stderr.trim_end()),
-            util::indent(out.stdout.trim_end()),
-            util::log_tail(&log, 5)
-        );
+    let mut args = vec!["--controller", spec.controller];
+    args.extend(spec.extra.iter().copied());
+    if let Some(t) = ctx.args.tracker.as_deref() {
+        args.extend(["--tracker", t]);
     }
-    let mig: MigrateJson = util::parse_json_line(&out.stdout, "migration report")
+    let m = migrate_job(
+        nodes,
+        &ctx.ferry,
+        &dir,
+        pid,
+        &spec.to,
+        &ctx.token,
+        &args,
+        ctx.timeout,
+        &log,
+    )?;
+    let (t_start, shown) = (m.t_start, m.shown);
+    let t_end = t_start + m.wall.as_secs_f64();
+    let mig: MigrateJson = util::parse_json_line(&m.stdout, "migration report")
         .with_context(|| format!("`{shown}`"))?;
 
     // The job must now run on the target, in B, and make progress there.
@@ -1168,7 +1227,7 @@ fn run_one(ctx: &Ctx, nodes: &Nodes, keep: &[i32], spec: &RunSpec) -> Result<Run
              namespace {:?} (exe {:?}); report: {}; job log:\n{}",
             spec.target_ns,
             util::exe_of(tp),
-            out.stdout.trim(),
+            m.stdout.trim(),
             util::log_tail(&log, 5)
         );
     }

@@ -258,65 +258,43 @@ fn run_one(
     };
     let log = dir.join("job.log");
     let stop = dir.join("stop");
-    let mut cmd = nodes.command(Ns::A, &ctx.ferry);
-    cmd.arg("run")
-        .arg("--detach")
-        .arg("--log")
-        .arg(&log)
-        .arg("--")
-        .arg(&ctx.synth)
-        .args([
+    let pid = migrate::start_detached(
+        nodes,
+        &ctx.ferry,
+        &dir,
+        &log,
+        &[],
+        &ctx.synth,
+        &[
             job.mem.to_string(),
             job.wss.to_string(),
             job.rate.to_string(),
-        ])
-        .env("WORKLOAD_SECS", "900")
-        .env("SYNTH_STOP_FILE", &stop);
-    let shown = util::show_command(&cmd);
-    let out = util::run_command(&mut cmd, Duration::from_secs(30), &dir, "ferry-run")
-        .with_context(|| format!("running `{shown}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{shown}` failed ({}):\n{}",
-            util::describe_status(out.status),
-            util::indent(out.stderr.trim_end())
-        );
-    }
-    let pid = util::detached_pid(&out.stdout)?;
-    crate::zero::wait_line(
-        &log,
-        "READY",
-        Some(pid),
+        ],
+        &[
+            ("WORKLOAD_SECS", "900".as_ref()),
+            ("SYNTH_STOP_FILE", stop.as_os_str()),
+        ],
         Duration::from_secs(300),
-        "before READY",
     )?;
     util::sleep(Duration::from_millis(ctx.args.settle_ms))?;
-    let mut cmd = nodes.command(Ns::A, &ctx.ferry);
-    cmd.arg("migrate")
-        .arg(pid.to_string())
-        .arg("--to")
-        .arg(&agent.addr)
-        .arg("--token-file")
-        .arg(&ctx.token)
-        .args(mode_args(mode))
-        .arg("--json");
-    let shown = util::show_command(&cmd);
-    let t_start = migrate::realtime();
-    let out = util::run_command(&mut cmd, ctx.timeout, &dir, "migrate")
-        .with_context(|| format!("running `{shown}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{shown}` failed ({}); stderr:\n{}",
-            util::describe_status(out.status),
-            util::indent(out.stderr.trim_end())
-        );
-    }
-    let mig: MigrateJson = util::parse_json_line(&out.stdout, "migration report")?;
-    let post: PostFields = util::parse_json_line(&out.stdout, "migration report")?;
+    let m = migrate::migrate_job(
+        nodes,
+        &ctx.ferry,
+        &dir,
+        pid,
+        &agent.addr,
+        &ctx.token,
+        &mode_args(mode),
+        ctx.timeout,
+        &log,
+    )?;
+    let t_start = m.t_start;
+    let mig: MigrateJson = util::parse_json_line(&m.stdout, "migration report")?;
+    let post: PostFields = util::parse_json_line(&m.stdout, "migration report")?;
     util::sleep(Duration::from_millis(1500))?;
     util::check_log_ok(&log, "on the target")?;
     fs::write(&stop, b"").context("create the stop file")?;
-    crate::zero::wait_line(
+    util::wait_line(
         &log,
         "PASS synth",
         None,

@@ -1198,6 +1198,43 @@ pub fn median(values: impl IntoIterator<Item = f64>) -> f64 {
     }
 }
 
+/// Waits until the log has a line `want` (or fails on FAIL, on the death
+/// of `pid` when given, or after `limit`).
+pub fn wait_line(
+    log: &Path,
+    want: &str,
+    pid: Option<i32>,
+    limit: Duration,
+    when: &str,
+) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        check_interrupted()?;
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.starts_with("FAIL")) {
+            bail!("the job failed {when}: {l}");
+        }
+        if text.lines().any(|l| l == want) {
+            return Ok(());
+        }
+        if let Some(pid) = pid {
+            if proc_stat(pid).is_none_or(|(_, s)| matches!(s, 'Z' | 'X')) {
+                bail!(
+                    "the job (pid {pid}) exited {when} without `{want}`; log:\n{}",
+                    log_tail(log, 10)
+                );
+            }
+        }
+        if t0.elapsed() > limit {
+            bail!(
+                "no `{want}` from the job {when} after {limit:?}; log:\n{}",
+                log_tail(log, 10)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

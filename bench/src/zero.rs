@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const LONG_ABOUT: &str = "Measure ferry's freed-memory library (libferry_zero.so, \
 `ferry run --zero-freed`): its effect on live migration and its overhead.\n\n\
@@ -156,14 +156,7 @@ struct Ctx<'a> {
 
 /// A command without any library settings inherited from our environment.
 fn clean(mut cmd: Command) -> Command {
-    for k in [
-        "LD_PRELOAD",
-        "FERRY_ZERO",
-        "FERRY_ZERO_MIN",
-        "FERRY_ZERO_RELEASE_MIN",
-        "FERRY_ZERO_REALLOC",
-        "FERRY_ZERO_STATS",
-    ] {
+    for k in migrate::INHERITED_LIBRARY_ENV {
         cmd.env_remove(k);
     }
     cmd
@@ -233,43 +226,6 @@ fn position_at(steps: &[Step], t: f64) -> String {
     }
 }
 
-/// Waits until the log has a line `want` (or fails on FAIL, on the death
-/// of `pid` when given, or after `limit`).
-pub(crate) fn wait_line(
-    log: &Path,
-    want: &str,
-    pid: Option<i32>,
-    limit: Duration,
-    when: &str,
-) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        util::check_interrupted()?;
-        let text = fs::read_to_string(log).unwrap_or_default();
-        if let Some(l) = text.lines().find(|l| l.starts_with("FAIL")) {
-            bail!("the job failed {when}: {l}");
-        }
-        if text.lines().any(|l| l == want) {
-            return Ok(());
-        }
-        if let Some(pid) = pid {
-            if util::proc_stat(pid).is_none_or(|(_, s)| matches!(s, 'Z' | 'X')) {
-                bail!(
-                    "the job (pid {pid}) exited {when} without `{want}`; log:\n{}",
-                    util::log_tail(log, 10)
-                );
-            }
-        }
-        if t0.elapsed() > limit {
-            bail!(
-                "no `{want}` from the job {when} after {limit:?}; log:\n{}",
-                util::log_tail(log, 10)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 // ---- migration runs ----------------------------------------------------------------
 
 #[derive(Clone)]
@@ -307,29 +263,30 @@ fn migrate_one(
     };
     let log = dir.join("job.log");
     let stop = dir.join("stop");
-    let mut cmd = clean(nodes.command(Ns::A, &ctx.ferry));
-    cmd.arg("run").arg("--detach").arg("--log").arg(&log);
-    if let Some(m) = lib.mode() {
-        cmd.arg(format!("--zero-freed={m}"));
-    }
-    cmd.arg("--")
-        .arg(&ctx.phases)
-        .args([a.live.to_string(), a.work.to_string(), a.iters.to_string()])
-        .arg("0")
-        .env("WORKLOAD_SECS", a.job_secs.to_string())
-        .env("PHASES_STOP_FILE", &stop);
-    let shown = util::show_command(&cmd);
-    let out = util::run_command(&mut cmd, Duration::from_secs(30), &dir, "ferry-run")
-        .with_context(|| format!("running `{shown}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{shown}` failed ({}):\n{}",
-            util::describe_status(out.status),
-            util::indent(out.stderr.trim_end())
-        );
-    }
-    let pid = util::detached_pid(&out.stdout)?;
-    wait_line(&log, "READY", Some(pid), JOB_STEP_TIMEOUT, "before READY")?;
+    let run_opts: Vec<String> = lib
+        .mode()
+        .map(|m| format!("--zero-freed={m}"))
+        .into_iter()
+        .collect();
+    let pid = migrate::start_detached(
+        nodes,
+        &ctx.ferry,
+        &dir,
+        &log,
+        &run_opts,
+        &ctx.phases,
+        &[
+            a.live.to_string(),
+            a.work.to_string(),
+            a.iters.to_string(),
+            "0".into(),
+        ],
+        &[
+            ("WORKLOAD_SECS", a.job_secs.to_string().as_ref()),
+            ("PHASES_STOP_FILE", stop.as_os_str()),
+        ],
+        JOB_STEP_TIMEOUT,
+    )?;
     if maps_library(pid) != lib.mode().is_some() {
         bail!(
             "the job (pid {pid}, {}) {} {LIB_NAME}",
@@ -344,30 +301,19 @@ fn migrate_one(
     util::sleep(Duration::from_millis(a.settle_ms))?;
     util::check_log_ok(&log, "before the migration")?;
 
-    let mut cmd = nodes.command(Ns::A, &ctx.ferry);
-    cmd.arg("migrate")
-        .arg(pid.to_string())
-        .arg("--to")
-        .arg(&agent.addr)
-        .arg("--token-file")
-        .arg(&ctx.token)
-        .arg("--controller")
-        .arg(controller)
-        .arg("--json");
-    let shown = util::show_command(&cmd);
-    let t_start = migrate::realtime();
-    let out = util::run_command(&mut cmd, ctx.timeout, &dir, "migrate")
-        .with_context(|| format!("running `{shown}`"))?;
-    if !out.status.success() {
-        bail!(
-            "`{shown}` failed ({}) after {:.1} s; stderr:\n{}\njob log:\n{}",
-            util::describe_status(out.status),
-            out.wall.as_secs_f64(),
-            util::indent(out.stderr.trim_end()),
-            util::log_tail(&log, 5)
-        );
-    }
-    let mig: MigrateJson = util::parse_json_line(&out.stdout, "migration report")
+    let m = migrate::migrate_job(
+        nodes,
+        &ctx.ferry,
+        &dir,
+        pid,
+        &agent.addr,
+        &ctx.token,
+        &["--controller", controller],
+        ctx.timeout,
+        &log,
+    )?;
+    let (t_start, shown) = (m.t_start, m.shown);
+    let mig: MigrateJson = util::parse_json_line(&m.stdout, "migration report")
         .with_context(|| format!("`{shown}`"))?;
     let tp = mig.target_pid;
     let exe = fs::canonicalize(&ctx.phases).unwrap_or_else(|_| ctx.phases.clone());
@@ -393,7 +339,7 @@ fn migrate_one(
     util::sleep(AFTER_MIGRATE)?;
     util::check_log_ok(&log, "on the target")?;
     fs::write(&stop, b"").context("create the stop file")?;
-    wait_line(
+    util::wait_line(
         &log,
         "PASS phases",
         None,
