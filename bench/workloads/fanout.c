@@ -36,6 +36,8 @@
  * Build: gcc -O2 -pthread -o fanout fanout.c
  */
 #define _GNU_SOURCE
+#include "../../tests/workloads/common.h"
+
 #include <errno.h>
 #include <poll.h>
 #include <pthread.h>
@@ -67,38 +69,7 @@ static uint64_t *region;
 static long region_pages;
 static atomic_int threads_ready;
 
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
-/* One line, one write(2): stdout is an O_APPEND file shared by the tree. */
-__attribute__((format(printf, 1, 2))) static void say(const char *fmt, ...)
-{
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    if (n > (int)sizeof buf - 2)
-        n = (int)sizeof buf - 2;
-    buf[n++] = '\n';
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(1, p, (size_t)n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return;
-        }
-        p += w;
-        n -= (int)w;
-    }
-}
 
 __attribute__((format(printf, 1, 2), noreturn)) static void fail(const char *fmt, ...)
 {
@@ -107,7 +78,7 @@ __attribute__((format(printf, 1, 2), noreturn)) static void fail(const char *fmt
     va_start(ap, fmt);
     vsnprintf(why, sizeof why, fmt, ap);
     va_end(ap);
-    say("FAIL fanout: process %d (pid %d): %s", proc_idx, (int)getpid(), why);
+    wl_say("FAIL fanout: process %d (pid %d): %s", proc_idx, (int)getpid(), why);
     _exit(1);
 }
 
@@ -216,9 +187,9 @@ static void setup_process(struct slice *s)
             fail("pthread_create (thread %d): %s", t, strerror(e));
     }
     slice_of(0, s);
-    double end = now() + BOUND;
+    double end = wl_now() + BOUND;
     while (atomic_load(&threads_ready) < nthreads - 1) {
-        if (now() > end)
+        if (wl_now() > end)
             fail("only %d of %d threads started within %.0f s", atomic_load(&threads_ready) + 1,
                  nthreads, BOUND);
         sleep_us(1000);
@@ -233,7 +204,7 @@ static long env_long(const char *name, long dflt, long lo, long hi)
     char *end;
     long x = strtol(v, &end, 10);
     if (*end || x < lo || x > hi) {
-        say("FAIL fanout: bad %s=%s (want %ld..%ld)", name, v, lo, hi);
+        wl_say("FAIL fanout: bad %s=%s (want %ld..%ld)", name, v, lo, hi);
         exit(2);
     }
     return x;
@@ -244,7 +215,7 @@ static long arg_long(const char *s, const char *what, long lo, long hi)
     char *end;
     long x = strtol(s, &end, 10);
     if (!*s || *end || x < lo || x > hi) {
-        say("FAIL fanout: bad %s %s (want %ld..%ld)", what, s, lo, hi);
+        wl_say("FAIL fanout: bad %s %s (want %ld..%ld)", what, s, lo, hi);
         exit(2);
     }
     return x;
@@ -259,11 +230,11 @@ static void child_main(int ready_wr, long total_pages)
     while (write(ready_wr, &c, 1) < 0 && errno == EINTR) {
     }
     close(ready_wr);
-    double next_check = now() + 0.1;
+    double next_check = wl_now() + 0.1;
     for (;;) {
         sleep_us(tick_us);
         tick(&s);
-        double t = now();
+        double t = wl_now();
         if (t >= next_check) {
             next_check = t + 0.1;
             if (getppid() != root_pid)
@@ -275,7 +246,7 @@ static void child_main(int ready_wr, long total_pages)
 int main(int argc, char **argv)
 {
     if (argc != 4) {
-        say("usage: fanout THREADS PROCS MIB");
+        wl_say("usage: fanout THREADS PROCS MIB");
         return 2;
     }
     nthreads = (int)arg_long(argv[1], "THREADS", 1, MAX_THREADS);
@@ -286,7 +257,7 @@ int main(int argc, char **argv)
     long secs = env_long("WORKLOAD_SECS", 600, 1, 1L << 30);
     long total_pages = mib * (1024 * 1024 / PAGE);
     if (total_pages / nprocs < nthreads) {
-        say("FAIL fanout: %ld pages cannot give each of %d processes %d threads a page",
+        wl_say("FAIL fanout: %ld pages cannot give each of %d processes %d threads a page",
             total_pages, nprocs, nthreads);
         return 2;
     }
@@ -316,9 +287,9 @@ int main(int argc, char **argv)
     if (nprocs > 1) {
         close(pfd[1]);
         int got = 0;
-        double end = now() + BOUND;
+        double end = wl_now() + BOUND;
         while (got < nprocs - 1) {
-            double left = end - now();
+            double left = end - wl_now();
             if (left <= 0)
                 fail("only %d of %d children ready within %.0f s", got, nprocs - 1, BOUND);
             struct pollfd p = {pfd[0], POLLIN, 0};
@@ -338,18 +309,18 @@ int main(int argc, char **argv)
         }
         close(pfd[0]);
     }
-    say("fanout: %d process%s x %d thread%s, %ld pages per process (%ld MiB in total), "
+    wl_say("fanout: %d process%s x %d thread%s, %ld pages per process (%ld MiB in total), "
         "%ld page%s per thread every %ld us",
         nprocs, nprocs == 1 ? "" : "es", nthreads, nthreads == 1 ? "" : "s", region_pages, mib,
         pages_per_tick, pages_per_tick == 1 ? "" : "s", tick_us);
-    say("READY");
-    deadline = now() + (double)secs;
+    wl_say("READY");
+    deadline = wl_now() + (double)secs;
 
-    double next_check = now() + 0.1;
+    double next_check = wl_now() + 0.1;
     for (;;) {
         sleep_us(tick_us);
         tick(&s);
-        double t = now();
+        double t = wl_now();
         if (t < next_check)
             continue;
         next_check = t + 0.1;
@@ -368,20 +339,20 @@ int main(int argc, char **argv)
         kill(kids[i], SIGTERM);
     for (int i = 1; i < nprocs; i++) {
         int st;
-        double end = now() + BOUND;
+        double end = wl_now() + BOUND;
         for (;;) {
             pid_t r = waitpid(kids[i], &st, WNOHANG);
             if (r == kids[i])
                 break;
             if (r < 0)
                 fail("waitpid %d: %s", (int)kids[i], strerror(errno));
-            if (now() > end)
+            if (wl_now() > end)
                 fail("child pid %d did not exit after the deadline", (int)kids[i]);
             sleep_us(10000);
         }
         if (!WIFSIGNALED(st) || WTERMSIG(st) != SIGTERM)
             fail("child pid %d ended with status %#x instead of SIGTERM", (int)kids[i], st);
     }
-    say("PASS fanout");
+    wl_say("PASS fanout");
     return 0;
 }

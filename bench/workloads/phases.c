@@ -50,6 +50,8 @@
  * Build: gcc -O2 -o phases phases.c
  */
 #define _GNU_SOURCE
+#include "../../tests/workloads/common.h"
+
 #include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -74,12 +76,6 @@ static long nlive;
 static const char *stop_file;
 static double deadline;
 
-static double mono(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static double cpu(void)
 {
@@ -88,50 +84,8 @@ static double cpu(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static double real(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
-/* One line, one write(2) (stdout may be an O_APPEND log shared with a
- * restored copy: no stdio buffering). */
-__attribute__((format(printf, 1, 2))) static void say(const char *fmt, ...)
-{
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    if (n > (int)sizeof buf - 2)
-        n = (int)sizeof buf - 2;
-    buf[n++] = '\n';
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(1, p, (size_t)n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return;
-        }
-        p += w;
-        n -= (int)w;
-    }
-}
 
-__attribute__((format(printf, 1, 2), noreturn)) static void fail(const char *fmt, ...)
-{
-    char why[400];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof why, fmt, ap);
-    va_end(ap);
-    say("FAIL phases: %s", why);
-    _exit(1);
-}
 
 static long arg_long(int argc, char **argv, int i, long def, long lo, long hi, const char *what)
 {
@@ -141,39 +95,32 @@ static long arg_long(int argc, char **argv, int i, long def, long lo, long hi, c
     errno = 0;
     long v = strtol(argv[i], &end, 10);
     if (errno || *end || end == argv[i] || v < lo || v > hi)
-        fail("bad %s %s (want %ld..%ld)", what, argv[i], lo, hi);
+        wl_fail("bad %s %s (want %ld..%ld)", what, argv[i], lo, hi);
     return v;
 }
 
-static uint64_t mix(uint64_t x)
-{
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
 
 static uint64_t live_init(long b, long i)
 {
-    return mix(((uint64_t)b << 32) ^ (uint64_t)i ^ 0x11ull << 56) | 1;
+    return wl_mix(((uint64_t)b << 32) ^ (uint64_t)i ^ 0x11ull << 56) | 1;
 }
 
 static uint64_t temp_val(long p, long k, long i)
 {
-    return mix(((uint64_t)p << 48) ^ ((uint64_t)k << 32) ^ (uint64_t)i) | 1;
+    return wl_mix(((uint64_t)p << 48) ^ ((uint64_t)k << 32) ^ (uint64_t)i) | 1;
 }
 
 static void *alloc(size_t n, const char *what)
 {
     void *p = malloc(n);
     if (!p)
-        fail("malloc(%zu) for %s failed", n, what);
+        wl_fail("malloc(%zu) for %s failed", n, what);
     return p;
 }
 
 static int should_stop(void)
 {
-    return mono() >= deadline || (stop_file && access(stop_file, F_OK) == 0);
+    return wl_now() >= deadline || (stop_file && access(stop_file, F_OK) == 0);
 }
 
 /* Checks the live blocks of group g (b % LIVE_GROUPS == g) and adds c. */
@@ -183,7 +130,7 @@ static void live_update(int g, uint64_t c)
         uint64_t *w = live[b];
         for (long i = 0; i < WORDS_PER_LIVE; i++) {
             if (w[i] != live_init(b, i) + acc[b])
-                fail("live block %ld word %ld is %#llx, want %#llx", b, i,
+                wl_fail("live block %ld word %ld is %#llx, want %#llx", b, i,
                      (unsigned long long)w[i], (unsigned long long)(live_init(b, i) + acc[b]));
             w[i] += c;
         }
@@ -199,7 +146,7 @@ static int phase(long p, long ntemp, long iters)
     uint64_t **t = alloc(sizeof *t * (size_t)ntemp, "temporaries table");
     uint64_t **s = alloc(sizeof *s * (size_t)nsys, "system table");
 
-    say("phase %ld assemble %.6f cpu=%.6f", p, real(), cpu());
+    wl_say("phase %ld assemble %.6f cpu=%.6f", p, wl_realtime(), cpu());
     for (long k = 0; k < ntemp; k++) {
         t[k] = alloc(ARRAY, "a temporary");
         for (long i = 0; i < WORDS_PER_ARRAY; i++)
@@ -215,7 +162,7 @@ static int phase(long p, long ntemp, long iters)
         free(t[k]);
     free(t);
 
-    say("phase %ld solve %.6f cpu=%.6f", p, real(), cpu());
+    wl_say("phase %ld solve %.6f cpu=%.6f", p, wl_realtime(), cpu());
     /* Each sweep applies f(x) = MULT x + INC three times: f^3(x) = A x + B. */
     const uint64_t A = MULT * MULT * MULT;
     const uint64_t B = (MULT * MULT + MULT + 1) * INC;
@@ -244,7 +191,7 @@ static int phase(long p, long ntemp, long iters)
                           temp_val(p, 4 * j + 2, i) + temp_val(p, 4 * j + 3, i);
             uint64_t want = an * s0 + bn;
             if (s[j][i] != want)
-                fail("phase %ld: system array %ld word %ld is %#llx after %ld sweeps, want %#llx",
+                wl_fail("phase %ld: system array %ld word %ld is %#llx after %ld sweeps, want %#llx",
                      p, j, i, (unsigned long long)s[j][i], done, (unsigned long long)want);
             sum += want;
         }
@@ -252,13 +199,14 @@ static int phase(long p, long ntemp, long iters)
     for (long j = 0; j < nsys; j++)
         free(s[j]);
     free(s);
-    say("phase %ld done %.6f cpu=%.6f sweeps=%ld", p, real(), cpu(), done);
+    wl_say("phase %ld done %.6f cpu=%.6f sweeps=%ld", p, wl_realtime(), cpu(), done);
     return done == iters;
 }
 
 int main(int argc, char **argv)
 {
-    double start = mono();
+    wl_init("phases");
+    double start = wl_now();
     long live_mib = arg_long(argc, argv, 1, 256, 4, 1L << 20, "LIVE_MIB");
     long work_mib = arg_long(argc, argv, 2, 384, 32, 1L << 20, "WORK_MIB");
     long iters = arg_long(argc, argv, 3, 200, 1, 1L << 30, "ITERS");
@@ -269,7 +217,7 @@ int main(int argc, char **argv)
         char *end;
         secs = strtol(e, &end, 10);
         if (*end || secs < 1)
-            fail("bad WORKLOAD_SECS %s", e);
+            wl_fail("bad WORKLOAD_SECS %s", e);
     }
     stop_file = getenv("PHASES_STOP_FILE");
     if (stop_file && !*stop_file)
@@ -277,7 +225,7 @@ int main(int argc, char **argv)
     /* Whole 32 MiB groups: four 8 MiB temporaries per system array. */
     long ntemp = (work_mib * MIB / ARRAY) / 4 * 4;
     if (ntemp < 4)
-        fail("WORK_MIB %ld is below 32", work_mib);
+        wl_fail("WORK_MIB %ld is below 32", work_mib);
 
     nlive = live_mib * MIB / LIVE_BLOCK;
     if (nlive < 1)
@@ -285,7 +233,7 @@ int main(int argc, char **argv)
     live = alloc(sizeof *live * (size_t)nlive, "live table");
     acc = calloc((size_t)nlive, sizeof *acc);
     if (!acc)
-        fail("calloc for the live accumulators failed");
+        wl_fail("calloc for the live accumulators failed");
     for (long b = 0; b < nlive; b++) {
         live[b] = alloc(LIVE_BLOCK, "a live block");
         for (long i = 0; i < WORDS_PER_LIVE; i++)
@@ -294,8 +242,8 @@ int main(int argc, char **argv)
 
     deadline = 1e300;
     phase(1, ntemp, iters);
-    say("READY");
-    double ready = mono();
+    wl_say("READY");
+    double ready = wl_now();
     deadline = ready + (double)secs;
     long p = 1;
     while (phases == 0 || p < phases) {
@@ -305,14 +253,14 @@ int main(int argc, char **argv)
         if (!phase(p, ntemp, iters))
             break;
     }
-    double end = mono();
+    double end = wl_now();
     for (long b = 0; b < nlive; b++)
         for (long i = 0; i < WORDS_PER_LIVE; i++)
             if (live[b][i] != live_init(b, i) + acc[b])
-                fail("live block %ld word %ld is %#llx at the end, want %#llx", b, i,
+                wl_fail("live block %ld word %ld is %#llx at the end, want %#llx", b, i,
                      (unsigned long long)live[b][i],
                      (unsigned long long)(live_init(b, i) + acc[b]));
-    say("done phases=%ld secs=%.3f", p, end - start);
-    say("PASS phases");
+    wl_say("done phases=%ld secs=%.3f", p, end - start);
+    wl_say("PASS phases");
     return 0;
 }

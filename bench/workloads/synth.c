@@ -49,6 +49,8 @@
  * Build: gcc -O2 -o synth synth.c
  */
 #define _GNU_SOURCE
+#include "../../tests/workloads/common.h"
+
 #include <errno.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -71,69 +73,15 @@ static uint64_t *region;
 static uint32_t *gens; /* generation of every page */
 static long pages, wss_pages;
 
-static double mono(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
-static double real(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
-/* One line, one write(2): stdout is an O_APPEND log file. */
-__attribute__((format(printf, 1, 2))) static void say(const char *fmt, ...)
-{
-    char buf[512];
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    if (n > (int)sizeof buf - 2)
-        n = (int)sizeof buf - 2;
-    buf[n++] = '\n';
-    const char *p = buf;
-    while (n > 0) {
-        ssize_t w = write(1, p, (size_t)n);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return;
-        }
-        p += w;
-        n -= (int)w;
-    }
-}
 
-__attribute__((format(printf, 1, 2), noreturn)) static void fail(const char *fmt, ...)
-{
-    char why[400];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(why, sizeof why, fmt, ap);
-    va_end(ap);
-    say("FAIL synth: %s", why);
-    _exit(1);
-}
 
-static uint64_t mix(uint64_t x)
-{
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
 
 /* The seed of a page's stream: never zero, so xorshift never yields 0. */
 static uint64_t seed_of(long page, uint32_t gen)
 {
-    return mix((uint64_t)page * 0x100000001b3ull ^ ((uint64_t)gen << 40) ^ 0x51ull) | 1;
+    return wl_mix((uint64_t)page * 0x100000001b3ull ^ ((uint64_t)gen << 40) ^ 0x51ull) | 1;
 }
 
 static void write_page(long page, uint32_t gen)
@@ -155,10 +103,10 @@ static void check_page(long page, const char *when)
     const uint64_t *p = region + page * WORDS;
     uint32_t gen = gens[page];
     if (p[0] != (TAG_MAGIC ^ (uint64_t)page))
-        fail("%s: page %ld: tag %#llx, expected %#llx", when, page, (unsigned long long)p[0],
+        wl_fail("%s: page %ld: tag %#llx, expected %#llx", when, page, (unsigned long long)p[0],
              (unsigned long long)(TAG_MAGIC ^ (uint64_t)page));
     if (p[1] != (((uint64_t)gen << 32) | 0xc0deu))
-        fail("%s: page %ld: generation word %#llx, expected generation %u", when, page,
+        wl_fail("%s: page %ld: generation word %#llx, expected generation %u", when, page,
              (unsigned long long)p[1], gen);
     uint64_t x = seed_of(page, gen);
     for (long w = 2; w < WORDS; w++) {
@@ -166,7 +114,7 @@ static void check_page(long page, const char *when)
         x ^= x >> 7;
         x ^= x << 17;
         if (p[w] != x)
-            fail("%s: page %ld (generation %u) word %ld: %#llx, expected %#llx", when, page, gen,
+            wl_fail("%s: page %ld (generation %u) word %ld: %#llx, expected %#llx", when, page, gen,
                  w, (unsigned long long)p[w], (unsigned long long)x);
     }
 }
@@ -185,7 +133,7 @@ static long arg_long(const char *s, const char *what, long lo, long hi)
     char *end;
     long x = strtol(s, &end, 10);
     if (!*s || *end || x < lo || x > hi) {
-        say("FAIL synth: bad %s %s (want %ld..%ld)", what, s, lo, hi);
+        wl_say("FAIL synth: bad %s %s (want %ld..%ld)", what, s, lo, hi);
         exit(2);
     }
     return x;
@@ -208,8 +156,9 @@ static void sleep_us(long us)
 
 int main(int argc, char **argv)
 {
+    wl_init("synth");
     if (argc < 4 || argc > 5) {
-        say("usage: synth MEM_MIB WSS_MIB RATE_MIBPS [seq|rand]");
+        wl_say("usage: synth MEM_MIB WSS_MIB RATE_MIBPS [seq|rand]");
         return 2;
     }
     long mem = arg_long(argv[1], "MEM_MIB", 1, 1L << 20);
@@ -220,7 +169,7 @@ int main(int argc, char **argv)
         if (strcmp(argv[4], "rand") == 0)
             random_pages = 1;
         else if (strcmp(argv[4], "seq") != 0) {
-            say("FAIL synth: bad PATTERN %s (want seq or rand)", argv[4]);
+            wl_say("FAIL synth: bad PATTERN %s (want seq or rand)", argv[4]);
             return 2;
         }
     }
@@ -235,25 +184,25 @@ int main(int argc, char **argv)
     size_t len = (size_t)pages * PAGE;
     region = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (region == MAP_FAILED)
-        fail("mmap %zu bytes: %s", len, strerror(errno));
+        wl_fail("mmap %zu bytes: %s", len, strerror(errno));
     madvise(region, len, MADV_NOHUGEPAGE);
     gens = calloc((size_t)pages, sizeof *gens);
     if (!gens)
-        fail("calloc %ld generations", pages);
-    double t_fill = mono();
+        wl_fail("calloc %ld generations", pages);
+    double t_fill = wl_now();
     for (long p = 0; p < pages; p++)
         write_page(p, 0);
-    t_fill = mono() - t_fill;
+    t_fill = wl_now() - t_fill;
 
     double rate_pps = (double)rate * (1024.0 * 1024.0 / PAGE); /* pages per second */
-    say("synth: mem %ld MiB, working set %ld MiB, rate %ld MiB/s (%.0f page writes/s%s), "
+    wl_say("synth: mem %ld MiB, working set %ld MiB, rate %ld MiB/s (%.0f page writes/s%s), "
         "pattern %s, filled in %.2f s",
         mem, wss, rate, rate_pps, rate == 0 ? ", unpaced" : "", random_pages ? "rand" : "seq",
         t_fill);
-    say("t0 %.6f", real());
-    say("READY");
+    wl_say("t0 %.6f", wl_realtime());
+    wl_say("READY");
 
-    double start = mono();
+    double start = wl_now();
     double deadline = start + (double)secs;
     double tick = (double)tick_ms / 1000.0;
     double next_tick = start + tick;
@@ -263,7 +212,7 @@ int main(int argc, char **argv)
     long verify_at = 0;
     const char *why = "deadline";
     for (;;) {
-        double t = mono();
+        double t = wl_now();
         long batch;
         if (rate > 0) {
             double owed = (t - base) * rate_pps - (double)done;
@@ -295,7 +244,7 @@ int main(int argc, char **argv)
             next_tick += tick;
             if (next_tick < t)
                 next_tick = t + tick; /* after a freeze: no burst of ticks */
-            say("tick %.6f %llu", real(), (unsigned long long)done);
+            wl_say("tick %.6f %llu", wl_realtime(), (unsigned long long)done);
             for (long k = 0; k < VERIFY_PER_TICK && k < pages; k++) {
                 check_page(verify_at, "periodic check");
                 verify_at = (verify_at + 1) % pages;
@@ -310,10 +259,10 @@ int main(int argc, char **argv)
         if (rate > 0 && batch == 0)
             sleep_us(1000);
     }
-    double ran = mono() - start;
+    double ran = wl_now() - start;
     for (long p = 0; p < pages; p++)
         check_page(p, "final check");
-    say("done: %llu page writes in %.3f s (%s)", (unsigned long long)done, ran, why);
-    say("PASS synth");
+    wl_say("done: %llu page writes in %.3f s (%s)", (unsigned long long)done, ran, why);
+    wl_say("PASS synth");
     return 0;
 }

@@ -54,6 +54,15 @@ WL_FN double wl_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* Seconds on CLOCK_REALTIME: comparable across nodes and with the
+ * harness's own clock (progress ticks of the bench workloads). */
+WL_FN double wl_realtime(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
 /* Writes all of buf to fd 1.  A single write(2) per line: stdout is a file
  * opened with O_APPEND by the harness, so each line lands whole even though
  * the original process and a restored copy may both write to it. */
