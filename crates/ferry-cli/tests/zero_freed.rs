@@ -49,7 +49,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, PoisonError};
-use std::thread::{self, sleep};
+use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 /// Bound for processes to disappear after being killed or finishing.
@@ -292,45 +292,13 @@ impl ZJob {
     /// Waits for a PASS or FAIL line (the job may have moved to another
     /// pid) and returns the log.
     fn wait_verdict(&self) -> String {
-        let end = Instant::now() + TIMEOUT;
-        loop {
-            let log = self.log();
-            if log
-                .lines()
-                .any(|l| l.starts_with("PASS ") || l.starts_with("FAIL"))
-            {
-                sleep(Duration::from_millis(50));
-                return self.log();
-            }
-            assert!(
-                Instant::now() < end,
-                "{}: no verdict within {TIMEOUT:?}; log:\n{log}",
-                self.name
-            );
-            sleep(Duration::from_millis(20));
-        }
+        wait_log_verdict(&self.log_path(), &self.name, TIMEOUT, String::new)
     }
 }
 
 impl Drop for ZJob {
     fn drop(&mut self) {
-        // Inits (running ferry) first: killing one ends its namespace.
-        let ferry = fs::canonicalize(FERRY).ok();
-        let mut pids = self.pids.clone();
-        pids.sort_by_key(|&p| procs::exe_of(p) != ferry);
-        procs::kill_leftovers(&pids, &[PathBuf::from(FERRY), self.exe.clone()]);
-        if thread::panicking() || std::env::var_os("FERRY_TEST_KEEP").is_some() {
-            eprintln!("kept job directory {}", self.dir.display());
-            if thread::panicking() {
-                eprintln!(
-                    "--- log of {} ---\n{}--- end of log ---",
-                    self.name,
-                    self.log()
-                );
-            }
-        } else {
-            let _ = fs::remove_dir_all(&self.dir);
-        }
+        end_job(&self.pids, &self.exe, &self.dir, &self.name, || self.log());
     }
 }
 

@@ -702,5 +702,53 @@ pub fn truncate(path: &Path, len: u64) {
         .unwrap();
 }
 
+/// Waits up to `timeout` for a PASS or FAIL line in the log at `path`
+/// (whichever copy of the job writes it) and returns the log; on timeout
+/// panics with `context()` and the log.
+pub fn wait_log_verdict(
+    path: &Path,
+    name: &str,
+    timeout: Duration,
+    context: impl Fn() -> String,
+) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        let log = fs::read_to_string(path).unwrap_or_default();
+        if log
+            .lines()
+            .any(|l| l.starts_with("PASS ") || l.starts_with("FAIL"))
+        {
+            // A FAIL may be followed by more lines; give them a moment.
+            thread::sleep(Duration::from_millis(50));
+            return fs::read_to_string(path).unwrap_or_default();
+        }
+        assert!(
+            Instant::now() < end,
+            "{name}: no verdict within {timeout:?}{}; log:\n{log}",
+            context()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Ends a `ferry run` job of a test: kills what is left of it (inits
+/// running ferry first: killing one ends its namespace) and removes its
+/// directory, unless the test failed or FERRY_TEST_KEEP is set; then the
+/// directory is kept and, on failure, `log()` shown.
+pub fn end_job(pids: &[i32], exe: &Path, dir: &Path, name: &str, log: impl FnOnce() -> String) {
+    let ferry = fs::canonicalize(FERRY).ok();
+    let mut pids = pids.to_vec();
+    pids.sort_by_key(|&p| procs::exe_of(p) != ferry);
+    procs::kill_leftovers(&pids, &[PathBuf::from(FERRY), exe.to_path_buf()]);
+    if thread::panicking() || std::env::var_os("FERRY_TEST_KEEP").is_some() {
+        eprintln!("kept job directory {}", dir.display());
+        if thread::panicking() {
+            eprintln!("--- log of {name} ---\n{}--- end of log ---", log());
+        }
+    } else {
+        let _ = fs::remove_dir_all(dir);
+    }
+}
+
 pub mod netns;
 pub mod procs;
