@@ -146,6 +146,9 @@ FERRY_ZERO_MIN sets the smallest freed chunk the library bothers with (bytes)."
         /// Wait for this (restored) pid instead of starting a command.
         #[arg(long)]
         adopt: Option<i32>,
+        /// Read the pid to wait for from stdin (an init started early).
+        #[arg(long, conflicts_with = "adopt")]
+        adopt_stdin: bool,
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         cmd: Vec<std::ffi::OsString>,
     },
@@ -389,9 +392,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let status = init.wait().context("waiting for the job")?;
             Ok(exit_code_of(status))
         }
-        Cmd::Init { adopt, cmd } => {
+        Cmd::Init {
+            adopt,
+            adopt_stdin,
+            cmd,
+        } => {
             let main = match adopt {
                 Some(pid) => ferry::jobinit::Main::Adopt(pid),
+                None if adopt_stdin => ferry::jobinit::Main::AdoptFromStdin,
                 None => ferry::jobinit::Main::Spawn(cmd),
             };
             Ok(ExitCode::from(ferry::jobinit::run_init(main) as u8))

@@ -27,6 +27,9 @@ fn mask(sigs: &[i32]) -> u64 {
 pub enum Main {
     Spawn(Vec<OsString>),
     Adopt(i32),
+    /// Adopt the pid written to stdin (a [`PreInit`]): init starts before
+    /// the image that names it has arrived.
+    AdoptFromStdin,
 }
 
 /// The body of pid 1. Returns the exit code to leave with.
@@ -38,6 +41,17 @@ pub fn run_init(main: Main) -> i32 {
     }
     let main_pid = match main {
         Main::Adopt(pid) => pid,
+        Main::AdoptFromStdin => {
+            let mut line = String::new();
+            match std::io::stdin().read_line(&mut line) {
+                Ok(_) => match line.trim().parse::<i32>() {
+                    Ok(pid) if pid > 0 => pid,
+                    // The restore was given up before it began.
+                    _ => return 127,
+                },
+                Err(_) => return 127,
+            }
+        }
         Main::Spawn(argv) => {
             let Some((prog, args)) = argv.split_first() else {
                 return 127;
@@ -87,6 +101,53 @@ pub enum InitIo {
     /// All /dev/null: a restored job brings its own descriptors, and init
     /// must not hold the caller's (a shell's `$(...)` would wait for it).
     Null,
+    /// stdin from this pipe, stdout and stderr /dev/null.
+    Pipe(std::os::fd::OwnedFd),
+}
+
+/// An init started ahead of a restore (the agent starts one when a
+/// migration begins): spawning a process costs milliseconds that would
+/// otherwise fall in the migration's downtime. It learns its main pid
+/// through a pipe; dropped unused, it is killed and reaped.
+#[derive(Debug)]
+pub struct PreInit {
+    child: Option<Child>,
+    tx: Option<std::fs::File>,
+}
+
+impl PreInit {
+    pub fn spawn() -> std::io::Result<PreInit> {
+        let (rx, tx) = sys::pipe()?;
+        let child = spawn_init(&["--adopt-stdin".into()], InitIo::Pipe(rx))?;
+        Ok(PreInit {
+            child: Some(child),
+            tx: Some(std::fs::File::from(tx)),
+        })
+    }
+
+    /// Tells init the pid of the job's main process (created next, in
+    /// init's namespace) and hands init over.
+    pub fn adopt(mut self, main: i32) -> std::io::Result<Child> {
+        use std::io::Write;
+        let mut tx = self
+            .tx
+            .take()
+            .ok_or_else(|| std::io::Error::other("init already used"))?;
+        tx.write_all(format!("{main}\n").as_bytes())?;
+        self.child
+            .take()
+            .ok_or_else(|| std::io::Error::other("init already used"))
+    }
+}
+
+impl Drop for PreInit {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 pub fn spawn_init(init_args: &[OsString], io: InitIo) -> std::io::Result<Child> {
@@ -114,6 +175,11 @@ fn spawn_init_here(init_args: &[OsString], io: InitIo) -> std::io::Result<Child>
         }
         InitIo::Null => {
             cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+        }
+        InitIo::Pipe(fd) => {
+            cmd.stdin(Stdio::from(fd))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
         }

@@ -8,6 +8,7 @@
 use super::CheckpointError;
 use crate::image::{Advice, ImageDir, PageKind, PageRun, PageStoreWriter, Vma, VmaKind};
 use crate::proc::{MapEntry, Pagemap, PagemapEntry, Special};
+use crate::sys::uffd::{self, ScanMasks};
 use crate::sys::{self, RemoteRange, IOV_MAX, PAGE_SIZE};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -359,9 +360,12 @@ fn read_ranges(
 /// The areas of a process without their contents (pages left empty): what
 /// live migration sends as the final layout, its pages having gone ahead.
 /// Guard regions are read from pagemap as in [`dump`].
-pub fn layout(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, CheckpointError> {
+/// The areas of `maps` without their pages, with their guard regions:
+/// those of an identical area in `earlier` (sorted by address; an earlier
+/// layout of the same process) are taken from it, the others are scanned.
+pub fn layout(pid: i32, maps: &[MapEntry], earlier: &[Vma]) -> Result<Vec<Vma>, CheckpointError> {
     let mut pagemap = Pagemap::open(pid)?;
-    let mut entries: Vec<u64> = Vec::new();
+    let mut regions = Vec::new();
     let mut vmas = Vec::with_capacity(maps.len());
     for m in maps {
         let mut vma = Vma {
@@ -374,21 +378,68 @@ pub fn layout(pid: i32, maps: &[MapEntry]) -> Result<Vec<Vma>, CheckpointError> 
             pages: Vec::new(),
             guards: Vec::new(),
         };
-        if !matches!(vma.kind, VmaKind::Vsyscall) {
-            let npages = ((m.end - m.start) / PAGE) as usize;
-            pagemap.read(m.start, npages, &mut entries)?;
-            for (i, &e) in entries.iter().enumerate() {
-                if !PagemapEntry(e).guard() {
-                    continue;
-                }
-                let addr = m.start + i as u64 * PAGE;
-                match vma.guards.last_mut() {
-                    Some((a, n)) if *a + *n * PAGE == addr => *n += 1,
-                    _ => vma.guards.push((addr, 1)),
-                }
-            }
+        let i = earlier.partition_point(|e| e.start < m.start);
+        let same = earlier.get(i).filter(|e| {
+            (e.end, e.prot, e.shared, &e.kind, &e.advice)
+                == (vma.end, vma.prot, vma.shared, &vma.kind, &vma.advice)
+        });
+        if let Some(e) = same {
+            vma.guards = e.guards.clone();
+        } else if !matches!(vma.kind, VmaKind::Vsyscall) {
+            // Guard markers only: the page tables are walked by the kernel,
+            // which matters in a frozen phase (a per-page read of a 4 GiB
+            // area took tens of milliseconds).
+            regions.clear();
+            pagemap.scan(m.start, m.end, &GUARDS, &mut regions)?;
+            vma.guards = regions
+                .iter()
+                .map(|r| (r.start, (r.end - r.start) / PAGE))
+                .collect();
         }
         vmas.push(vma);
     }
     Ok(vmas)
+}
+
+/// `PAGEMAP_SCAN` masks for guard regions (MADV_GUARD_INSTALL).
+const GUARDS: ScanMasks = ScanMasks {
+    flags: 0,
+    category_mask: 0,
+    category_anyof_mask: uffd::PAGE_IS_GUARD,
+    category_inverted: 0,
+    return_mask: uffd::PAGE_IS_GUARD,
+    max_pages: 0,
+};
+
+/// `PAGEMAP_SCAN` masks that find the pages [`wanted`] keeps in an area of
+/// this kind, with the categories [`wanted_region`] decides on; `None` when
+/// the area never has any.
+pub fn wanted_scan(kind: &VmaKind, shared: bool) -> Option<ScanMasks> {
+    match kind {
+        VmaKind::Vdso | VmaKind::Vvar | VmaKind::VvarVclock | VmaKind::Vsyscall => None,
+        VmaKind::File { .. } if shared => None,
+        // Asking whether pages are file pages makes the kernel look at each
+        // page's struct page: several times slower, so only where it counts.
+        VmaKind::File { .. } => Some(ScanMasks {
+            category_anyof_mask: uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED,
+            return_mask: uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED | uffd::PAGE_IS_FILE,
+            ..ScanMasks::default()
+        }),
+        _ => Some(ScanMasks {
+            category_anyof_mask: uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED,
+            return_mask: uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED,
+            ..ScanMasks::default()
+        }),
+    }
+}
+
+/// [`wanted`] for a region found with [`wanted_scan`]'s masks.
+pub fn wanted_region(kind: &VmaKind, categories: u64) -> bool {
+    match kind {
+        // Private file pages: only those copied on write (anonymous now).
+        VmaKind::File { .. } => {
+            categories & uffd::PAGE_IS_SWAPPED != 0 || categories & uffd::PAGE_IS_FILE == 0
+        }
+        _ => true,
+    }
 }

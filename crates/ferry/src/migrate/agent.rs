@@ -76,6 +76,8 @@ struct Session {
     main: Arc<Mutex<Conn>>,
     /// Post-copy: where page batches go once the job runs here.
     postcopy: Mutex<Option<postcopy::Inbox>>,
+    /// The job's init, started when the migration begins (see PreInit).
+    init: Arc<Mutex<Option<crate::jobinit::PreInit>>>,
 }
 
 struct Agent {
@@ -217,6 +219,7 @@ fn serve_main(
         rx: Mutex::new(Receiver::new(cfg, MemSink::default())?),
         main: Arc::new(Mutex::new(w)),
         postcopy: Mutex::new(None),
+        init: Arc::new(Mutex::new(None)),
     });
     let mut id: Option<SessionId> = None;
     let mut frame = Some(first);
@@ -257,6 +260,11 @@ fn serve_main(
                     break serve_postcopy(&mut r, &sess, pager);
                 }
             }
+            Event::Started(_) => match crate::jobinit::PreInit::spawn() {
+                Ok(init) => *lock(&sess.init) = Some(init),
+                // The restore starts one itself then.
+                Err(e) => tracing::warn!("starting the job's init ahead: {e}"),
+            },
             Event::Close { .. } | Event::Aborted { .. } => break Ok(()),
             Event::Released => {}
             _ => {}
@@ -415,6 +423,7 @@ fn restore_job(
         let opts = restore::Options {
             fresh_pidns: true,
             postcopy: postcopy.then(|| Arc::new(std::mem::take(&mut planned))),
+            init: Some(sess.init.clone()),
         };
         let r = restore::restore_from(&inv, &pages, &img, &opts);
         let _ = std::fs::remove_dir_all(&dir);

@@ -11,7 +11,7 @@ use super::sender::{expand, split_by_stream, Cmd, Conn, PageSender, Stream};
 use super::MigrateError;
 use crate::checkpoint::{self, memory as ckmem, FrozenTree};
 use crate::image::ImageDir;
-use crate::proc::{self, Pagemap, PagemapEntry};
+use crate::proc::{self, Pagemap};
 use crate::track::{self, DirtyRange, Tracker};
 use crate::wire::{
     self, AuthToken, Compression, Features, FrameReader, FrameWriter, Message, MigrationStart,
@@ -61,7 +61,8 @@ pub struct Progress {
 struct Tracked {
     pid: i32,
     vpid: i32,
-    tracker: Box<dyn Tracker>,
+    /// `None` without a live phase: the frozen phase then finds every page.
+    tracker: Option<Box<dyn Tracker>>,
     /// Pages to send next (sorted).
     pending: Vec<u64>,
     /// Writable anonymous/shared pages with no data at the start.
@@ -70,6 +71,11 @@ struct Tracked {
     last_sent: Vec<u64>,
     /// The process exited during the live phase (a short-lived child).
     gone: bool,
+    /// Without a live phase: its areas as the setup read them (smaps), for
+    /// the frozen phase to reuse their flags (see capture_frozen).
+    setup_maps: Option<checkpoint::Maps>,
+    /// With `setup_maps`: the guard regions of those areas then.
+    setup_layout: Vec<crate::image::Vma>,
 }
 
 /// The connections of a session.
@@ -195,18 +201,19 @@ fn writer(s: TcpStream, limiter: &Option<Arc<RateLimiter>>) -> Conn {
 /// pagemap as a checkpoint does (private file pages only once written).
 fn wanted_pages(pid: i32, maps: &[proc::MapEntry], out: &mut Vec<u64>) -> Result<(), MigrateError> {
     let mut pm = Pagemap::open(pid)?;
-    let mut entries = Vec::new();
+    let mut regions = Vec::new();
     for m in maps {
         let kind = ckmem::kind_of(m);
-        let n = ((m.end - m.start) / PAGE) as usize;
-        if matches!(kind, crate::image::VmaKind::Vsyscall) {
+        let Some(masks) = ckmem::wanted_scan(&kind, m.perms.shared) else {
             continue;
-        }
-        pm.read(m.start, n, &mut entries)?;
-        for (i, &e) in entries.iter().enumerate() {
-            if ckmem::wanted(&kind, m.perms.shared, PagemapEntry(e)) {
-                out.push(m.start + i as u64 * PAGE);
-            }
+        };
+        regions.clear();
+        pm.scan(m.start, m.end, &masks, &mut regions)?;
+        for r in regions
+            .iter()
+            .filter(|r| ckmem::wanted_region(&kind, r.categories))
+        {
+            out.extend((r.start..r.end).step_by(PAGE as usize));
         }
     }
     Ok(())
@@ -375,16 +382,28 @@ fn run(
     let setup = (|| -> Result<(Vec<Tracked>, crate::image::MachineInfo, u32), MigrateError> {
         let (inv, maps_of) = checkpoint::capture_state(&tree, work)?;
         let mut tracked = Vec::new();
+        // Without a live phase (stop-copy, post-copy) nothing is tracked:
+        // the frozen phase finds every page itself, and arming a tracker
+        // would only cost its disarming (a walk over all the memory) there.
+        let live = controller.live_phase();
+        // Post-copy's frozen phase reuses what is costly to read (see
+        // capture_frozen).
+        let reuse = opts.mode.is_postcopy() && !live;
         for (task, maps) in tree.tasks.iter().zip(&maps_of) {
             let Some(maps) = maps else { continue };
             let mut pending = Vec::new();
             wanted_pages(task.pid, maps, &mut pending)?;
             let not_present = count_not_present(maps, &pending);
-            let mut tracker = track::by_name(&opts.tracker, task.pid, task.pid)?;
-            let areas = track::read_areas(task.pid)?;
-            tracker.start(&areas)?;
-            let mut first = Vec::new();
-            tracker.harvest(&areas, &mut first)?;
+            let tracker = if live {
+                let mut tracker = track::by_name(&opts.tracker, task.pid, task.pid)?;
+                let areas = track::read_areas(task.pid)?;
+                tracker.start(&areas)?;
+                let mut first = Vec::new();
+                tracker.harvest(&areas, &mut first)?;
+                Some(tracker)
+            } else {
+                None
+            };
             tracked.push(Tracked {
                 pid: task.pid,
                 vpid: tree.vpid_of(task.pid),
@@ -393,6 +412,12 @@ fn run(
                 not_present,
                 last_sent: Vec::new(),
                 gone: false,
+                setup_maps: reuse.then(|| maps.clone()),
+                setup_layout: if reuse {
+                    ckmem::layout(task.pid, maps, &[])?
+                } else {
+                    Vec::new()
+                },
             });
         }
         Ok((tracked, inv.machine, inv.processes.len() as u32))
@@ -420,7 +445,7 @@ struct TrackGuard<'a>(&'a mut Vec<Tracked>);
 impl Drop for TrackGuard<'_> {
     fn drop(&mut self) {
         for t in self.0.iter_mut() {
-            if let Err(e) = t.tracker.stop() {
+            if let Err(e) = t.tracker.as_mut().map_or(Ok(()), |t| t.stop()) {
                 tracing::warn!(pid = t.pid, "stopping the write tracker: {e}");
             }
         }
@@ -612,7 +637,9 @@ fn precopy(
             let harvested = track::read_areas(t.pid)
                 .map_err(MigrateError::from)
                 .and_then(|areas| {
-                    t.tracker.harvest(&areas, &mut ranges)?;
+                    if let Some(tr) = t.tracker.as_mut() {
+                        tr.harvest(&areas, &mut ranges)?;
+                    }
                     Ok(areas)
                 });
             let areas = match harvested {
@@ -682,6 +709,7 @@ fn precopy(
     let live_ms = t0.elapsed().as_secs_f64() * 1e3;
     let t_freeze = Instant::now();
     let tree = FrozenTree::freeze(pid)?;
+    tracing::debug!(elapsed = ?t_freeze.elapsed(), "frozen: tree stopped");
     let frozen = Final {
         tree: &tree,
         links,
@@ -755,7 +783,8 @@ fn precopy(
         streams: 0,
         tracker: tracked
             .first()
-            .map_or("none", |t| t.tracker.name())
+            .and_then(|t| t.tracker.as_ref())
+            .map_or("none", |t| t.name())
             .to_string(),
         resume_ms: post.as_ref().map(|h| ms(h.resume)),
         remote_faults: post.as_ref().map(|h| h.done.remote_faults),
@@ -771,14 +800,18 @@ fn precopy(
     })
 }
 
-/// With the tree frozen: the last harvest of `t`, then tracking off
-/// (restore must not see uffd state); `t.pending` becomes every page the
-/// target still lacks.
-fn final_harvest(t: &mut Tracked, ranges: &mut Vec<DirtyRange>) -> Result<(), MigrateError> {
+/// With the tree frozen: the last harvest of tracked `t`, then tracking
+/// off (restore must not see uffd state); `t.pending` becomes every page
+/// the target still lacks.
+fn final_harvest(
+    t: &mut Tracked,
+    tracker: &mut dyn Tracker,
+    ranges: &mut Vec<DirtyRange>,
+) -> Result<(), MigrateError> {
     let areas = track::read_areas(t.pid)?;
-    t.tracker.harvest(&areas, ranges)?;
+    tracker.harvest(&areas, ranges)?;
     expand(ranges, &mut t.pending);
-    t.tracker.stop()?;
+    tracker.stop()?;
     // After stop: tracking markers no longer look like swapped pages.
     shmem_pages(t.pid, &mut t.pending)?;
     // Merges three sources: the round the controller stopped before
@@ -890,61 +923,143 @@ struct Handed {
 struct Left {
     pid: i32,
     vpid: i32,
+    /// Listed pages (sorted).
     pages: Vec<u64>,
+    /// Readable private anonymous areas `[start, end)` (sorted) wanted
+    /// whole, their pages not listed: post-copy of an untracked process
+    /// plans them as they are, so the frozen phase does not grow with
+    /// memory; pages with nothing in them go as zero pages later.
+    areas: Vec<(u64, u64)>,
 }
 
 /// With the tree frozen: every page the target still lacks. Tracked
-/// processes get their last harvest (tracking off); processes born during
-/// the live phase were never tracked, so all of theirs.
+/// processes get their last harvest (tracking off); untracked ones (no
+/// live phase, or born during it) all of theirs — with `whole_areas`,
+/// their readable private anonymous areas as whole areas.
 fn remaining_pages(
     tree: &FrozenTree,
     tracked: &mut [Tracked],
     resent_total: &mut u64,
+    whole_areas: bool,
 ) -> Result<Vec<Left>, MigrateError> {
     let mut left = Vec::new();
     let mut ranges = Vec::new();
     for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
-        final_harvest(t, &mut ranges)?;
+        let Some(mut tracker) = t.tracker.take() else {
+            left.push(untracked(t.pid, t.vpid, whole_areas)?);
+            continue;
+        };
+        let r = final_harvest(t, &mut *tracker, &mut ranges);
+        t.tracker = Some(tracker);
+        r?;
         *resent_total += count_common(&t.last_sent, &t.pending);
         left.push(Left {
             pid: t.pid,
             vpid: t.vpid,
             pages: std::mem::take(&mut t.pending),
+            areas: Vec::new(),
         });
     }
     for task in &tree.tasks {
         if task.frozen.is_none() || tracked.iter().any(|t| t.pid == task.pid) {
             continue;
         }
-        let maps = proc::read_smaps(task.pid)?;
-        let mut pages = Vec::new();
-        wanted_pages(task.pid, &maps, &mut pages)?;
-        left.push(Left {
-            pid: task.pid,
-            vpid: tree.vpid_of(task.pid),
-            pages,
-        });
+        left.push(untracked(task.pid, tree.vpid_of(task.pid), whole_areas)?);
     }
     Ok(left)
 }
 
+/// What the target lacks of an untracked frozen process: everything.
+fn untracked(pid: i32, vpid: i32, whole_areas: bool) -> Result<Left, MigrateError> {
+    let maps = proc::read_maps(pid)?;
+    let (whole, listed): (Vec<proc::MapEntry>, Vec<proc::MapEntry>) =
+        maps.into_iter().partition(|m| {
+            whole_areas
+                && m.perms.read
+                && !m.perms.shared
+                && matches!(ckmem::kind_of(m), crate::image::VmaKind::Anon { .. })
+        });
+    let mut pages = Vec::new();
+    wanted_pages(pid, &listed, &mut pages)?;
+    Ok(Left {
+        pid,
+        vpid,
+        pages,
+        areas: whole.iter().map(|m| (m.start, m.end)).collect(),
+    })
+}
+
 /// The frozen tree's state with its areas (their page runs are built by
-/// the target from what it received).
+/// the target from what it received). Post-copy reuses the flags of areas
+/// the setup read moments before (what smaps costs grows with memory);
+/// [`check_reused_flags`] looks again once the job runs on the target.
 fn capture_frozen(
     tree: &FrozenTree,
     work: &ImageDir,
+    tracked: &[Tracked],
 ) -> Result<crate::image::Inventory, MigrateError> {
-    let (mut inv, maps_of) = checkpoint::capture_state(tree, work)?;
+    let of = |pid: i32| tracked.iter().find(|t| t.pid == pid);
+    let earlier = |pid: i32| of(pid).and_then(|t| t.setup_maps.as_deref());
+    let (mut inv, maps_of) = checkpoint::capture_state_reusing(tree, work, &earlier)?;
     for (task, (p, maps)) in tree
         .tasks
         .iter()
         .zip(inv.processes.iter_mut().zip(&maps_of))
     {
         if let Some(maps) = maps {
-            p.vmas = ckmem::layout(task.pid, maps)?;
+            let before = of(task.pid).map_or(&[][..], |t| &t.setup_layout[..]);
+            p.vmas = ckmem::layout(task.pid, maps, before)?;
         }
     }
     Ok(inv)
+}
+
+/// With the tree still frozen, after the resume on the target: whether an
+/// area's flags (madvise advice, mlock) or guard regions changed between
+/// the setup's look and the freeze, which the target then lacks. Rare
+/// (the window is the session's start, tens of milliseconds), but never
+/// silent.
+fn check_reused_flags(tree: &FrozenTree, tracked: &[Tracked]) {
+    for t in tracked.iter().filter(|t| tree.runs(t.pid)) {
+        let Some(before) = t.setup_maps.as_deref() else {
+            continue;
+        };
+        let Ok(now) = proc::read_smaps(t.pid) else {
+            continue;
+        };
+        if let Ok(layout) = ckmem::layout(t.pid, &now, &[]) {
+            for v in &layout {
+                let i = t.setup_layout.partition_point(|e| e.start < v.start);
+                if let Some(e) = t.setup_layout.get(i).filter(|e| e.end == v.end) {
+                    if e.guards != v.guards {
+                        tracing::warn!(
+                            pid = t.pid,
+                            "area {:#x}-{:#x} changed its guard regions just before the \
+                             freeze; the copy on the target has the earlier ones",
+                            v.start,
+                            v.end
+                        );
+                    }
+                }
+            }
+        }
+        for m in &now {
+            let i = before.partition_point(|e| e.start < m.start);
+            if let Some(e) = before.get(i).filter(|e| e.end == m.end) {
+                if e.vm_flags != m.vm_flags {
+                    tracing::warn!(
+                        pid = t.pid,
+                        "area {:#x}-{:#x} changed its flags just before the freeze \
+                         ({:?} -> {:?}); the copy on the target has the earlier ones",
+                        m.start,
+                        m.end,
+                        e.vm_flags,
+                        m.vm_flags
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// After Commit: the target's answer, once the tree runs there. Restores
@@ -1006,11 +1121,11 @@ fn stop_and_copy(f: Final) -> Result<Handed, MigrateError> {
     } = f;
     let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
     let mut pages_sent = 0u64;
-    for l in remaining_pages(tree, tracked, resent_total)? {
+    for l in remaining_pages(tree, tracked, resent_total, false)? {
         pages_sent += l.pages.len() as u64;
         links.send(l.pid, l.vpid, wire_round, &l.pages, &mut split)?;
     }
-    let inv = capture_frozen(tree, work)?;
+    let inv = capture_frozen(tree, work, tracked)?;
     let n = counts(&inv);
     end_frozen_round(links, rounds, round, wire_round, pages_sent, t_freeze)?;
     commit(links, work, inv, Vec::new())?;

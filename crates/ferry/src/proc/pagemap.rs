@@ -2,8 +2,11 @@
 //! (Documentation/admin-guide/mm/pagemap.rst).
 
 use super::{pid_path, ProcError};
+pub use crate::sys::uffd::PageRegion;
+use crate::sys::uffd::{self, ScanMasks};
 use std::fs::File;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
@@ -73,6 +76,8 @@ pub struct Pagemap {
     path: PathBuf,
     /// Raw bytes of one chunk, kept to avoid an allocation per read.
     buf: Vec<u8>,
+    /// The kernel's output buffer for [`Pagemap::scan`].
+    regions: Vec<PageRegion>,
 }
 
 impl Pagemap {
@@ -85,6 +90,7 @@ impl Pagemap {
             pid,
             path,
             buf: Vec::new(),
+            regions: Vec::new(),
         })
     }
 
@@ -126,7 +132,40 @@ impl Pagemap {
         }
         Ok(())
     }
+
+    /// Appends to `out` the runs of pages of `[start, end)` that match
+    /// `masks`, each with its categories masked by the return mask
+    /// (`PAGEMAP_SCAN`): the kernel walks the page tables and reports runs,
+    /// which costs a small fraction of reading an entry per page, so areas
+    /// of gigabytes are looked at in a millisecond or two. Scan one area at
+    /// a time: a refusal (EPERM) part-way through loses that call's output.
+    pub fn scan(
+        &mut self,
+        start: u64,
+        end: u64,
+        masks: &ScanMasks,
+        out: &mut Vec<PageRegion>,
+    ) -> Result<(), ProcError> {
+        if self.regions.capacity() == 0 {
+            self.regions.reserve(SCAN_REGIONS);
+        }
+        let mut pos = start;
+        while pos < end {
+            let r = uffd::pagemap_scan(self.file.as_fd(), pos, end, masks, &mut self.regions)
+                .map_err(|e| ProcError::from_io(self.pid, &self.path, e))?;
+            out.extend_from_slice(&self.regions);
+            if r.walk_end <= pos {
+                let e = io::Error::other(format!("PAGEMAP_SCAN made no progress at {pos:#x}"));
+                return Err(ProcError::from_io(self.pid, &self.path, e));
+            }
+            pos = r.walk_end;
+        }
+        Ok(())
+    }
 }
+
+/// Regions one `PAGEMAP_SCAN` call may return (24 bytes each).
+const SCAN_REGIONS: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -147,6 +186,41 @@ mod tests {
         assert!(e.soft_dirty() && !e.present() && !e.exclusive());
         assert_eq!(e.pfn(), 1 << 54);
         assert_eq!(PagemapEntry(u64::MAX).pfn(), (1 << 55) - 1);
+    }
+
+    #[test]
+    fn scan_finds_what_read_finds() {
+        const PAGES: usize = 16 * 1024;
+        let mut v = vec![0u8; (PAGES + 1) * 4096];
+        // Every page but every 7th written; the written ones present.
+        for i in (0..v.len()).step_by(4096) {
+            if (i / 4096) % 7 != 3 {
+                v[i] = 1;
+            }
+        }
+        let first = (v.as_ptr() as u64).div_ceil(4096) * 4096;
+        let end = first + PAGES as u64 * 4096;
+        let mut pm = Pagemap::open(me()).unwrap();
+        let mut entries = Vec::new();
+        pm.read(first, PAGES, &mut entries).unwrap();
+        let by_read: Vec<u64> = (0..PAGES)
+            .filter(|&i| PagemapEntry(entries[i]).present())
+            .map(|i| first + i as u64 * 4096)
+            .collect();
+        let masks = ScanMasks {
+            category_anyof_mask: uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED,
+            return_mask: uffd::PAGE_IS_PRESENT | uffd::PAGE_IS_SWAPPED | uffd::PAGE_IS_FILE,
+            ..ScanMasks::default()
+        };
+        let mut regions = Vec::new();
+        pm.scan(first, end, &masks, &mut regions).unwrap();
+        let by_scan: Vec<u64> = regions
+            .iter()
+            .flat_map(|r| (r.start..r.end).step_by(4096))
+            .collect();
+        assert_eq!(by_scan.len(), by_read.len());
+        assert_eq!(by_scan, by_read);
+        std::hint::black_box(&v);
     }
 
     #[test]

@@ -90,6 +90,9 @@ pub struct Options {
     /// registered with a userfaultfd made in the process (see
     /// [`postcopy`]); the report hands the descriptors over.
     pub postcopy: Option<std::sync::Arc<PlannedPages>>,
+    /// An init started ahead (see [`crate::jobinit::PreInit`]), used for an
+    /// image with a pid namespace instead of starting one now.
+    pub init: Option<std::sync::Arc<std::sync::Mutex<Option<crate::jobinit::PreInit>>>>,
 }
 
 /// Per image pid, `[start, end)` runs of pages still on the source.
@@ -118,12 +121,19 @@ pub fn restore_from(
         .collect();
     // A `ferry run` job gets a fresh namespace and init; its processes are
     // recreated inside with their namespace pids.
+    let pre = opts
+        .init
+        .as_ref()
+        .and_then(|m| m.lock().unwrap_or_else(|e| e.into_inner()).take());
     let init = match &inv.pidns {
         Some(ns) => Some(InitGuard(
-            crate::jobinit::spawn_init(
-                &["--adopt".into(), ns.main.to_string().into()],
-                crate::jobinit::InitIo::Null,
-            )
+            match pre {
+                Some(pre) => pre.adopt(ns.main),
+                None => crate::jobinit::spawn_init(
+                    &["--adopt".into(), ns.main.to_string().into()],
+                    crate::jobinit::InitIo::Null,
+                ),
+            }
             .map_err(|e| RestoreError::Step {
                 pid: ns.main,
                 what: "the job's pid namespace".into(),

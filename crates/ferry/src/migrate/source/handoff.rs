@@ -105,6 +105,49 @@ fn runs_of(pages: &[u64]) -> Vec<PlanRun> {
     runs
 }
 
+/// `areas` (sorted, disjoint) cut by the `hot` windows (sorted, disjoint):
+/// the parts inside a window and the parts outside.
+#[allow(clippy::type_complexity)]
+fn carve(areas: &[(u64, u64)], hot: &[(u64, u64)]) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+    for &(s, e) in areas {
+        let mut pos = s;
+        let first = hot.partition_point(|&(_, he)| he <= s);
+        for &(hs, he) in hot[first..].iter().take_while(|&&(hs, _)| hs < e) {
+            let (a, b) = (hs.max(s), he.min(e));
+            if pos < a {
+                outside.push((pos, a));
+            }
+            inside.push((a, b));
+            pos = b;
+        }
+        if pos < e {
+            outside.push((pos, e));
+        }
+    }
+    (inside, outside)
+}
+
+/// The sorted union of `runs` and the `[start, end)` ranges `areas` (both
+/// sorted, disjoint from each other) as plan runs.
+fn merge_runs(runs: Vec<PlanRun>, areas: &[(u64, u64)]) -> Vec<PlanRun> {
+    let mut out: Vec<PlanRun> = Vec::with_capacity(runs.len() + areas.len());
+    for (s, e) in areas.iter().copied() {
+        let mut a = s;
+        while a < e {
+            let n = ((e - a) / PAGE).min(u32::MAX as u64);
+            out.push(PlanRun {
+                addr: a,
+                npages: n as u32,
+            });
+            a += n * PAGE;
+        }
+    }
+    out.extend(runs);
+    out.sort_unstable_by_key(|r| r.addr);
+    out
+}
+
 /// With `tree` frozen: eager pages, state, plan, commit; then the post-copy
 /// phase until the target has every page.
 pub(super) fn handoff(
@@ -124,45 +167,74 @@ pub(super) fn handoff(
         t_freeze,
     } = f;
     // What the target does not have yet: as a stop-and-copy would send it.
-    let left = remaining_pages(tree, tracked, resent_total)?;
-    let inv = capture_frozen(tree, work)?;
+    let left = remaining_pages(tree, tracked, resent_total, true)?;
+    tracing::debug!(elapsed = ?t_freeze.elapsed(), "frozen: remaining pages found");
+    let inv = capture_frozen(tree, work, tracked)?;
+    tracing::debug!(elapsed = ?t_freeze.elapsed(), "frozen: state captured");
     let n = counts(&inv);
     // Split into what goes now and what is planned.
     let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
     let mut plans = Vec::new();
-    let mut rest = Vec::new();
+    let mut planned: Vec<(i32, i32, Vec<PlanRun>)> = Vec::new();
     let mut before = 0u64;
-    for Left { pid, vpid, pages } in left {
+    for Left {
+        pid,
+        vpid,
+        pages,
+        areas,
+    } in left
+    {
         let Some(p) = inv.processes.iter().find(|p| p.pid == vpid) else {
             continue;
         };
         let hot = hot_windows(p);
-        let (now, later): (Vec<u64>, Vec<u64>) =
+        let (mut now, later): (Vec<u64>, Vec<u64>) =
             pages.into_iter().partition(|&a| eager(p, &hot, a));
+        // Whole areas: their hot parts go now, the rest is planned as is.
+        let (hot_parts, cold_parts) = carve(&areas, &hot);
+        if !hot_parts.is_empty() {
+            for (s, e) in hot_parts {
+                now.extend((s..e).step_by(PAGE as usize));
+            }
+            now.sort_unstable();
+        }
         before += now.len() as u64;
         links.send(pid, vpid, wire_round, &now, &mut split)?;
-        if !later.is_empty() {
-            let runs = runs_of(&later);
+        let runs = merge_runs(runs_of(&later), &cold_parts);
+        if !runs.is_empty() {
             for chunk in runs.chunks(MAX_PLAN_RUNS) {
                 plans.push(PostcopyPlan {
                     pid: vpid,
                     runs: chunk.to_vec(),
                 });
             }
-            rest.push(Rest {
-                pid,
-                vpid,
-                sent: vec![false; later.len()],
-                left: later.len(),
-                pages: later,
-                cursor: 0,
-            });
+            planned.push((pid, vpid, runs));
         }
     }
     end_frozen_round(links, rounds, round, wire_round, before, t_freeze)?;
+    tracing::debug!(elapsed = ?t_freeze.elapsed(), pages = before, "frozen: eager pages sent");
     commit(links, work, inv, plans)?;
+    tracing::debug!(elapsed = ?t_freeze.elapsed(), "frozen: committed");
     let handed = await_restored(links, n)?;
     let resume = t_freeze.elapsed();
+    check_reused_flags(tree, tracked);
+    let rest: Vec<Rest> = planned
+        .into_iter()
+        .map(|(pid, vpid, runs)| {
+            let pages: Vec<u64> = runs
+                .iter()
+                .flat_map(|r| (0..r.npages as u64).map(move |k| r.addr + k * PAGE))
+                .collect();
+            Rest {
+                pid,
+                vpid,
+                sent: vec![false; pages.len()],
+                left: pages.len(),
+                pages,
+                cursor: 0,
+            }
+        })
+        .collect();
     let after: u64 = rest.iter().map(|r| r.pages.len() as u64).sum();
     progress(&Progress {
         round: round + 1,
@@ -341,6 +413,32 @@ mod tests {
                 (0x7000_0000 - PAGE, 0x7000_3000 + (STACK_ABOVE + 1) * PAGE),
             ]
         );
+    }
+
+    #[test]
+    fn carve_splits_areas_by_windows() {
+        let p = PAGE;
+        let areas = [(0x10 * p, 0x20 * p), (0x30 * p, 0x40 * p)];
+        // One window straddling the first area's start, one inside the
+        // second, one past everything.
+        let hot = [(0x8 * p, 0x12 * p), (0x34 * p, 0x36 * p), (0x50 * p, 0x60 * p)];
+        let (inside, outside) = carve(&areas, &hot);
+        assert_eq!(inside, vec![(0x10 * p, 0x12 * p), (0x34 * p, 0x36 * p)]);
+        assert_eq!(
+            outside,
+            vec![(0x12 * p, 0x20 * p), (0x30 * p, 0x34 * p), (0x36 * p, 0x40 * p)]
+        );
+        // No windows: the areas as they are.
+        assert_eq!(carve(&areas, &[]), (vec![], areas.to_vec()));
+    }
+
+    #[test]
+    fn merge_runs_orders_pages_and_areas() {
+        let p = PAGE;
+        let runs = runs_of(&[0x5 * p, 0x6 * p, 0x50 * p]);
+        let m = merge_runs(runs, &[(0x10 * p, 0x14 * p)]);
+        let got: Vec<(u64, u32)> = m.iter().map(|r| (r.addr, r.npages)).collect();
+        assert_eq!(got, vec![(0x5 * p, 2), (0x10 * p, 4), (0x50 * p, 1)]);
     }
 
     #[test]
