@@ -233,6 +233,14 @@ line per round goes to stderr; the report goes to stdout (--json: one JSON objec
         /// Seconds to wait for a connection or a reply before giving up.
         #[arg(long, default_value_t = 20)]
         timeout: u64,
+        /// Pre-copy: have the target copy all of the job's memory into place
+        /// before resuming it. By default the target resumes the job at once
+        /// and fills its private memory from the pages it already holds,
+        /// faulted pages first (the downtime no longer includes that copy;
+        /// if the target agent dies in that fraction of a second, the job
+        /// dies with it).
+        #[arg(long)]
+        eager_restore: bool,
         /// Print the report as one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -443,6 +451,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             streams,
             tracker,
             timeout,
+            eager_restore,
             json,
         } => {
             require_root()?;
@@ -477,6 +486,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 tracker,
                 timeout: std::time::Duration::from_secs(timeout.max(1)),
                 mode,
+                lazy_restore: !eager_restore,
             };
             let stop = ferry::sys::stop_flag_on_signals();
             let cancel = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

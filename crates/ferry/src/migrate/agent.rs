@@ -4,6 +4,7 @@
 //! the wire module's receiver state machine, so a bad peer only ever ends
 //! its own session.
 
+use super::lazyfill;
 use super::mempages::MemPages;
 use super::postcopy::{self, Pager};
 use super::MigrateError;
@@ -383,16 +384,21 @@ fn restore_job(
     mut inv: Box<Inventory>,
 ) -> Result<Option<PagerThread>, MigrateError> {
     let t = Instant::now();
-    let (mut pages, blobs, sid, plans, postcopy) = {
+    let (mut pages, blobs, sid, plans, postcopy, lazy) = {
         let mut rx = lock(&sess.rx);
         let pages = std::mem::take(&mut rx.sink_mut().0);
         let postcopy = rx.start_info().is_some_and(|s| s.mode.is_postcopy());
+        let lazy = !postcopy
+            && rx
+                .negotiated()
+                .is_some_and(|f| f.flags & wire::Features::LAZY_RESTORE != 0);
         (
             pages,
             rx.take_blobs(),
             rx.session().unwrap_or_default(),
             rx.take_plans(),
             postcopy,
+            lazy,
         )
     };
     // Planned pages stay missing: an older copy from a pre-copy round must
@@ -408,10 +414,16 @@ fn restore_job(
     for (pid, ranges) in &planned {
         pages.drop_ranges(*pid, ranges);
     }
+    let mut lazy_plans = Vec::new();
     let outcome = (|| -> Result<restore::Report, MigrateError> {
         image::validate_inventory(&inv)?;
         for p in inv.processes.iter_mut() {
             pages.build_runs(p);
+        }
+        if lazy {
+            // Private memory is filled after the resume (lazyfill).
+            planned = lazyfill::plan(&mut inv.processes);
+            lazy_plans = lazyfill::plans(&planned);
         }
         let dir = agent.cfg.work_dir.join(format!("session-{sid}"));
         let img = ImageDir::new(&dir, true)?;
@@ -422,16 +434,37 @@ fn restore_job(
         // keeps every pid free whatever else runs here.
         let opts = restore::Options {
             fresh_pidns: true,
-            postcopy: postcopy.then(|| Arc::new(std::mem::take(&mut planned))),
+            postcopy: (postcopy || lazy).then(|| Arc::new(std::mem::take(&mut planned))),
             init: Some(sess.init.clone()),
         };
         let r = restore::restore_from(&inv, &pages, &img, &opts);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(r?)
     })();
-    drop(pages);
+    let mut pages = Some(pages).filter(|_| lazy);
     let mut pager = None;
     let result = match outcome {
+        Ok(mut rep) if lazy => {
+            lock(&agent.jobs).push((rep.wait_pid, rep.pid));
+            let spaces = std::mem::take(&mut rep.spaces);
+            match start_lazy_fill(spaces, &lazy_plans, &rep, pages.take()) {
+                Ok(()) => {
+                    tracing::info!(
+                        pid = rep.pid,
+                        "job resumed in {:?}; filling its memory",
+                        t.elapsed()
+                    );
+                    Ok(Restored {
+                        pid: rep.pid,
+                        restore_ms: t.elapsed().as_millis() as u64,
+                    })
+                }
+                Err(e) => {
+                    let _ = sys::kill(rep.wait_pid, libc::SIGKILL);
+                    Err(format!("lazy restore: {e}"))
+                }
+            }
+        }
         Ok(mut rep) if postcopy => {
             lock(&agent.jobs).push((rep.wait_pid, rep.pid));
             let main = sess.main.clone();
@@ -482,6 +515,60 @@ fn restore_job(
         ),
         None => None,
     })
+}
+
+/// Runs the pager of a lazily restored job and its local feeder, each on a
+/// thread of its own.
+fn start_lazy_fill(
+    spaces: Vec<restore::postcopy::RegisteredSpace>,
+    plans: &[wire::messages::PostcopyPlan],
+    rep: &restore::Report,
+    pages: Option<MemPages>,
+) -> Result<(), MigrateError> {
+    let pages = pages.ok_or_else(|| MigrateError::Internal("lazy restore without pages".into()))?;
+    let (req_tx, req_rx) = std::sync::mpsc::channel();
+    // Faults become requests to the feeder; nothing goes to the source.
+    let send: postcopy::SendFn = Box::new(move |msgs| {
+        for m in msgs {
+            if let Message::PageRequest(q) = m {
+                let _ = req_tx.send(*q);
+            }
+        }
+        Ok(())
+    });
+    let (p, inbox) = Pager::new(spaces, plans, rep.pid, rep.wait_pid, send)?;
+    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(f)
+            .map_err(|e| MigrateError::Io {
+                what: format!("starting {name}"),
+                source: e,
+            })
+    };
+    let pid = rep.pid;
+    spawn(
+        "ferry-lazy-pager",
+        Box::new(move || {
+            match p.run() {
+            Ok(d) => tracing::info!(
+                pid,
+                "memory in place after {:.0} ms: {} pages, {} faults served (p50 {:.0} µs, p99 {:.0} µs)",
+                d.last_page_ms,
+                d.pages_placed,
+                d.remote_faults,
+                d.fault_latency_p50_us,
+                d.fault_latency_p99_us
+            ),
+            Err(e) => tracing::warn!(pid, "lazy restore failed, the job was killed: {e}"),
+        }
+        }),
+    )?;
+    spawn(
+        "ferry-lazy-feed",
+        Box::new(move || lazyfill::feed(pages, inbox, req_rx)),
+    )?;
+    Ok(())
 }
 
 type PagerThread = std::thread::JoinHandle<Result<wire::messages::PostcopyDone, MigrateError>>;

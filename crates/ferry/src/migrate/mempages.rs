@@ -174,6 +174,42 @@ impl MemPages {
         self.pages_data += data;
     }
 
+    /// Every data page held as (pid, address, offset in its chunk), one
+    /// list per arena chunk in arena order: how a lazy restore hands the
+    /// chunks over whole.
+    pub fn data_by_chunk(&self) -> Vec<Vec<(i32, u64, usize)>> {
+        let mut out = vec![Vec::new(); self.chunks.len()];
+        for (&pid, pp) in &self.procs {
+            for (&addr, slot) in &pp.index {
+                if let Slot::Data { at, .. } = *slot {
+                    let (c, o) = ((at as usize) / CHUNK, (at as usize) % CHUNK);
+                    out[c].push((pid, addr, o));
+                }
+            }
+        }
+        for c in &mut out {
+            c.sort_unstable_by_key(|&(_, _, o)| o);
+        }
+        out
+    }
+
+    /// Takes arena chunk `c` out; its pages can no longer be read here.
+    pub fn take_chunk(&mut self, c: usize) -> Vec<u8> {
+        self.chunks
+            .get_mut(c)
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// The page of `pid` at `addr`: `Some(None)` for a zero page,
+    /// `Some(Some(contents))` for data still here (its chunk not taken).
+    pub fn page(&self, pid: i32, addr: u64) -> Option<Option<&[u8]>> {
+        match *self.procs.get(&pid)?.index.get(&addr)? {
+            Slot::Zero { .. } => Some(None),
+            Slot::Data { at, .. } => self.bytes(at, PAGE_SIZE).map(Some),
+        }
+    }
+
     fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
         let (c, o) = ((offset as usize) / CHUNK, (offset as usize) % CHUNK);
         self.chunks.get(c)?.get(o..o + len)

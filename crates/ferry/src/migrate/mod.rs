@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod controller;
+pub mod lazyfill;
 pub mod mempages;
 pub mod postcopy;
 pub mod report;

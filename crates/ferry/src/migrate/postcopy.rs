@@ -167,6 +167,9 @@ pub struct Arrival {
     pub items: Vec<Item>,
     payload: Vec<u8>,
     decompressed: Vec<u8>,
+    /// Dropped with the arrival once placed: a local feeder (lazy
+    /// restore) watches it to keep one arrival in flight.
+    _hold: Option<Arc<()>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -176,6 +179,18 @@ pub enum Item {
 }
 
 impl Arrival {
+    /// Pages of `vpid` whose contents are in `payload` (items' `at` are
+    /// offsets into it), from a local page source rather than a batch.
+    pub fn local(vpid: i32, items: Vec<Item>, payload: Vec<u8>, hold: Option<Arc<()>>) -> Self {
+        Arrival {
+            vpid,
+            items,
+            payload,
+            decompressed: Vec::new(),
+            _hold: hold,
+        }
+    }
+
     /// `n` pages of contents from `at`, if they lie in one buffer.
     fn pages(&self, at: usize, n: usize) -> Option<&[u8]> {
         let len = n * PAGE_SIZE;
@@ -241,6 +256,7 @@ pub fn decode_batch(dec: &mut BatchDecoder, payload: Vec<u8>) -> Result<Arrival,
         items,
         payload,
         decompressed,
+        _hold: None,
     })
 }
 

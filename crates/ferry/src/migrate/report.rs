@@ -66,6 +66,9 @@ pub struct MigrationReport {
     pub total_ms: f64,
     /// Of the downtime: the target's restore.
     pub restore_ms: f64,
+    /// Pre-copy: the target resumed the job before copying its private
+    /// memory into place and filled it afterwards from the pages it held.
+    pub lazy_restore: bool,
     pub live_ms: f64,
     /// Bytes on the wire (frames, all connections).
     pub bytes_sent: u64,

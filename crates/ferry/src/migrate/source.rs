@@ -44,6 +44,9 @@ pub struct Options {
     pub timeout: Duration,
     /// Pre-copy, post-copy or hybrid.
     pub mode: wire::MigrationMode,
+    /// Pre-copy: let the target fill the job's memory after resuming it
+    /// (see migrate::lazyfill) when it can; false copies it all first.
+    pub lazy_restore: bool,
 }
 
 /// A progress sample, for the line on stderr.
@@ -307,12 +310,11 @@ pub fn migrate(
     let mut w = writer(main, &limiter);
     // Post-copy keeps one more connection for background pages.
     let bg = u16::from(opts.mode.is_postcopy());
-    let session = SourceSession::handshake(
-        &mut r,
-        &mut w,
-        &opts.token,
-        Features::ours(opts.streams.saturating_add(bg)),
-    )?;
+    let mut features = Features::ours(opts.streams.saturating_add(bg));
+    if !opts.lazy_restore {
+        features.flags &= !Features::LAZY_RESTORE;
+    }
+    let session = SourceSession::handshake(&mut r, &mut w, &opts.token, features)?;
     if opts.mode.is_postcopy() && session.negotiated.flags & Features::POST_COPY == 0 {
         return Err(MigrateError::Refused(format!(
             "the agent at {addr} does not support {} migration",
@@ -539,6 +541,8 @@ fn live(
             rep.pages.total = stats.pages();
             rep.target = addr.to_string();
             rep.streams = n;
+            rep.lazy_restore =
+                !opts.mode.is_postcopy() && session.negotiated.flags & Features::LAZY_RESTORE != 0;
             Ok(rep)
         }
         Err(e) => {
@@ -770,6 +774,7 @@ fn precopy(
         downtime_ms: ms(downtime),
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         restore_ms,
+        lazy_restore: false,
         live_ms,
         bytes_sent: 0,
         memory_bytes: 0,

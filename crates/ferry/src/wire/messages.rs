@@ -36,7 +36,7 @@ pub struct Features {
     pub compression: u32,
     /// Extra page connections this peer will open/accept.
     pub max_streams: u16,
-    /// Other capabilities: [`Features::POST_COPY`].
+    /// Other capabilities: [`Features::POST_COPY`], [`Features::LAZY_RESTORE`].
     pub flags: u32,
 }
 
@@ -46,6 +46,10 @@ impl Features {
     /// Post-copy and hybrid migration (`PostcopyPlan`, `PageRequest`,
     /// `PostcopyDone`).
     pub const POST_COPY: u32 = 1 << 0;
+    /// After pre-copy, the target may resume the job before its private
+    /// memory is in place and fill it from the pages it already holds
+    /// (userfaultfd, as in post-copy, without the network).
+    pub const LAZY_RESTORE: u32 = 1 << 1;
 
     /// What this implementation supports, with up to `max_streams` extra
     /// page connections.
@@ -53,7 +57,7 @@ impl Features {
         Features {
             compression: Self::LZ4 | Self::ZSTD,
             max_streams,
-            flags: Self::POST_COPY,
+            flags: Self::POST_COPY | Self::LAZY_RESTORE,
         }
     }
 
