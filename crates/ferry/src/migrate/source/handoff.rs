@@ -421,12 +421,20 @@ mod tests {
         let areas = [(0x10 * p, 0x20 * p), (0x30 * p, 0x40 * p)];
         // One window straddling the first area's start, one inside the
         // second, one past everything.
-        let hot = [(0x8 * p, 0x12 * p), (0x34 * p, 0x36 * p), (0x50 * p, 0x60 * p)];
+        let hot = [
+            (0x8 * p, 0x12 * p),
+            (0x34 * p, 0x36 * p),
+            (0x50 * p, 0x60 * p),
+        ];
         let (inside, outside) = carve(&areas, &hot);
         assert_eq!(inside, vec![(0x10 * p, 0x12 * p), (0x34 * p, 0x36 * p)]);
         assert_eq!(
             outside,
-            vec![(0x12 * p, 0x20 * p), (0x30 * p, 0x34 * p), (0x36 * p, 0x40 * p)]
+            vec![
+                (0x12 * p, 0x20 * p),
+                (0x30 * p, 0x34 * p),
+                (0x36 * p, 0x40 * p)
+            ]
         );
         // No windows: the areas as they are.
         assert_eq!(carve(&areas, &[]), (vec![], areas.to_vec()));
