@@ -28,6 +28,10 @@
  * parent reaps it (bounded), checks its status and the final contents, and
  * prints PASS shm.  A child whose parent is gone, or a parent whose child is,
  * fails instead of waiting.
+ *
+ * Usage: shm [SH_MIB [mapped]].  SH_MIB sizes SH (default 1); with
+ * "mapped" both processes close the memfd once it is mapped, so it is
+ * reachable through its mappings only (no pread checks then).
  */
 #include "common.h"
 
@@ -39,7 +43,6 @@
 
 #define PAGE 4096
 #define PW (PAGE / 8) /* words per page */
-#define SH_PAGES 256
 #define MF_PAGES 128
 #define PV_PAGES 64
 #define PV_HALF 32
@@ -56,7 +59,9 @@ struct ctl {
 
 static struct ctl *ctl;
 static uint64_t *sh, *mf1, *mf2, *pv;
+static long sh_pages = 256; /* SH, page 0 the control block */
 static int memfd;
+static int keep_fd = 1; /* pread checks through the memfd */
 static int side; /* 0 parent, 1 child */
 static pid_t parent_pid, child_pid;
 static uint64_t own_gen; /* own PV generations written */
@@ -107,6 +112,8 @@ static void check_mf_page(long p, int64_t t)
     static uint64_t buf[PW];
     check_page(page_of(mf1, p), "memfd view 1", p, R_MF, t, 0, 0);
     check_page(page_of(mf2, p), "memfd view 2", p, R_MF, t, 0, 0);
+    if (!keep_fd)
+        return;
     ssize_t n = pread(memfd, buf, PAGE, (off_t)p * PAGE);
     CHECK(n == PAGE, "pread memfd page %ld: %zd (%s)", p, n, n < 0 ? strerror(errno) : "short");
     check_page(buf, "memfd pread", p, R_MF, t, 0, 0);
@@ -115,11 +122,13 @@ static void check_mf_page(long p, int64_t t)
 /* Everything in SH and MF after turns 0..last have written. */
 static void full_check_shared(int64_t last)
 {
-    for (long q = 0; q < SH_PAGES - 1; q++)
+    for (long q = 0; q < sh_pages - 1; q++)
         check_page(page_of(sh, 1 + q), "shared anon", 1 + q, R_SH,
-                   last_hit(last, q, SH_PAGES - 1), 0, 0);
+                   last_hit(last, q, sh_pages - 1), 0, 0);
     for (long q = 0; q < MF_PAGES; q++)
         check_mf_page(q, last_hit(last, q, MF_PAGES));
+    if (!keep_fd)
+        return;
     struct stat st;
     CHECK_SYS(fstat(memfd, &st));
     CHECK(st.st_size == MF_PAGES * PAGE, "memfd size %lld", (long long)st.st_size);
@@ -191,11 +200,11 @@ static void do_turn(uint64_t t)
     CHECK(other_done == (t + 1) / 2, "turn %llu: other's count %llu", (unsigned long long)t,
           (unsigned long long)other_done);
     if (t > 0) {
-        long q = (long)((t - 1) % (SH_PAGES - 1));
+        long q = (long)((t - 1) % (sh_pages - 1));
         check_page(page_of(sh, 1 + q), "shared anon", 1 + q, R_SH, (int64_t)t - 1, 0, 0);
         check_mf_page((long)((t - 1) % MF_PAGES), (int64_t)t - 1);
     }
-    write_words(page_of(sh, 1 + (long)(t % (SH_PAGES - 1))), R_SH, t);
+    write_words(page_of(sh, 1 + (long)(t % (sh_pages - 1))), R_SH, t);
     write_words(page_of((t / 2) % 2 ? mf2 : mf1, (long)(t % MF_PAGES)), R_MF, t);
     private_turn();
     if ((int)(t % 128) == side) {
@@ -218,6 +227,8 @@ static void run_child(void)
     wl_init("shm/child");
     side = 1;
     mf2 = map(MF_PAGES * PAGE, MAP_SHARED, memfd);
+    if (!keep_fd)
+        CHECK_SYS(close(memfd));
     for (;;) {
         uint64_t t = wait_turn();
         if (atomic_load(&ctl->stop)) {
@@ -230,13 +241,22 @@ static void run_child(void)
     }
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
     wl_init("shm");
     double secs = wl_secs(2.0);
     parent_pid = getpid();
+    if (argc > 1) {
+        long mib = atol(argv[1]);
+        CHECK(mib >= 1 && mib <= 4096, "SH size %s MiB", argv[1]);
+        sh_pages = mib * 256;
+    }
+    if (argc > 2) {
+        CHECK(strcmp(argv[2], "mapped") == 0, "unknown argument %s", argv[2]);
+        keep_fd = 0;
+    }
 
-    sh = map(SH_PAGES * PAGE, MAP_SHARED | MAP_ANONYMOUS, -1);
+    sh = map(sh_pages * PAGE, MAP_SHARED | MAP_ANONYMOUS, -1);
     ctl = (struct ctl *)sh;
     memfd = memfd_create("ferry-shm", 0);
     CHECK_SYS(memfd);
@@ -253,6 +273,8 @@ int main(void)
         run_child();
 
     mf2 = map(MF_PAGES * PAGE, MAP_SHARED, memfd);
+    if (!keep_fd)
+        CHECK_SYS(close(memfd));
     uint64_t t;
     /* Two rounds each before READY. */
     for (;;) {
@@ -265,7 +287,7 @@ int main(void)
     for (;;) {
         if (wl_time_up()) {
             /* Check the child's last turn, then tell it to stop. */
-            long q = (long)((t - 1) % (SH_PAGES - 1));
+            long q = (long)((t - 1) % (sh_pages - 1));
             check_page(page_of(sh, 1 + q), "shared anon", 1 + q, R_SH, (int64_t)t - 1, 0, 0);
             atomic_store(&ctl->stop, 1);
             atomic_store_explicit(&ctl->turn, t + 1, memory_order_release);

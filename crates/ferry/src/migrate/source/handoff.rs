@@ -5,13 +5,19 @@
 //! kept until the target says every page is in place.
 //!
 //! Sent before the resume ("eager"): pages the target cannot leave missing
-//! (those of file-backed and shared areas: userfaultfd MISSING mode takes
-//! private anonymous memory only — KERNEL.md §4) and the pages each thread
-//! touches first (around its stack pointer and instruction pointer).
+//! (private file pages the job changed: userfaultfd cannot hold back a
+//! private file mapping — KERNEL.md §4 — and shared memory the job can
+//! reach through a descriptor, which read(2) would see as a hole) and the
+//! pages each thread touches first (around its stack pointer and
+//! instruction pointer). Shared memory reached through mappings only goes
+//! after the resume, each page of an object once, under the first process
+//! and address found mapping it (restore::postcopy).
 
 use super::*;
 use crate::image::{ProcessImage, VmaKind};
+use crate::restore::postcopy::SharedLayout;
 use crate::wire::messages::{PlanRun, PostcopyDone, PostcopyPlan, MAX_PLAN_RUNS};
+use std::collections::HashMap;
 
 /// Pages below / above a thread's stack pointer sent before the resume.
 const STACK_BELOW: u64 = 1;
@@ -28,6 +34,10 @@ pub(super) struct Handoff {
     pub done: PostcopyDone,
     pub before: u64,
     pub after: u64,
+    /// Of `after`: pages of shared objects, and how many of those the
+    /// target asked for (the job touched them before they came).
+    pub shared_after: u64,
+    pub shared_requested: u64,
 }
 
 /// What is left of one process after the resume.
@@ -38,6 +48,37 @@ struct Rest {
     sent: Vec<bool>,
     cursor: usize,
     left: usize,
+    /// The process's areas of lazy shared objects, sorted.
+    shared: Vec<(u64, u64)>,
+}
+
+impl Rest {
+    fn is_shared(&self, addr: u64) -> bool {
+        let i = self.shared.partition_point(|&(s, _)| s <= addr);
+        i > 0 && addr < self.shared[i - 1].1
+    }
+}
+
+/// Which pages of each shared object are planned already (one bit per
+/// page of the object).
+#[derive(Default)]
+struct SharedSeen(HashMap<u64, Vec<u64>>);
+
+impl SharedSeen {
+    /// Marks page `off` of object `id` (of at least `size` bytes); whether
+    /// it was new.
+    fn first(&mut self, id: u64, size: u64, off: u64) -> bool {
+        let bits = self.0.entry(id).or_default();
+        let k = (off / PAGE) as usize;
+        let words = (size / PAGE).div_ceil(64).max(k as u64 / 64 + 1) as usize;
+        if bits.len() < words {
+            bits.resize(words, 0);
+        }
+        let (w, b) = (k / 64, 1u64 << (k % 64));
+        let new = bits[w] & b == 0;
+        bits[w] |= b;
+        new
+    }
 }
 
 enum FromTarget {
@@ -132,13 +173,29 @@ pub(super) fn handoff(
     let mut plans = Vec::new();
     let mut rest = Vec::new();
     let mut before = 0u64;
+    let mut shared_after = 0u64;
+    let layout = SharedLayout::new(&inv);
+    let mut seen = SharedSeen::default();
     for Left { pid, vpid, pages } in left {
         let Some(p) = inv.processes.iter().find(|p| p.pid == vpid) else {
             continue;
         };
         let hot = hot_windows(p);
-        let (now, later): (Vec<u64>, Vec<u64>) =
-            pages.into_iter().partition(|&a| eager(p, &hot, a));
+        let mut now = Vec::new();
+        let mut later = Vec::new();
+        for a in pages {
+            match layout.area(vpid, a) {
+                // Another mapping of the page was planned already.
+                Some(ar) => {
+                    if seen.first(ar.id, ar.offset + (ar.end - ar.start), ar.offset_of(a)) {
+                        later.push(a);
+                        shared_after += 1;
+                    }
+                }
+                None if eager(p, &hot, a) => now.push(a),
+                None => later.push(a),
+            }
+        }
         before += now.len() as u64;
         links.send(pid, vpid, wire_round, &now, &mut split)?;
         if !later.is_empty() {
@@ -156,6 +213,11 @@ pub(super) fn handoff(
                 left: later.len(),
                 pages: later,
                 cursor: 0,
+                shared: layout
+                    .areas(vpid)
+                    .iter()
+                    .map(|a| (a.start, a.end))
+                    .collect(),
             });
         }
     }
@@ -172,7 +234,7 @@ pub(super) fn handoff(
         estimated_downtime: Duration::ZERO,
         phase: "post-copy",
     });
-    let done = stream_rest(links, rest, wire_round + 1, cancel)?;
+    let (done, shared_requested) = stream_rest(links, rest, wire_round + 1, cancel)?;
     links.send_msg(&Message::Ack)?;
     Ok(Handoff {
         handed,
@@ -180,17 +242,21 @@ pub(super) fn handoff(
         done,
         before,
         after,
+        shared_after,
+        shared_requested,
     })
 }
 
 /// The post-copy phase: background pages in address order from where the
 /// job last faulted, requested pages first, until the target is done.
+/// Also returns how many shared pages were sent on request.
 fn stream_rest(
     links: &mut Links,
     mut rest: Vec<Rest>,
     round: u32,
     cancel: &AtomicBool,
-) -> Result<PostcopyDone, MigrateError> {
+) -> Result<(PostcopyDone, u64), MigrateError> {
+    let mut shared_requested = 0u64;
     let sock = links
         .r
         .get_ref()
@@ -270,6 +336,9 @@ fn stream_rest(
                                 r.left -= 1;
                                 total -= 1;
                                 chunk.push(a);
+                                if r.is_shared(a) {
+                                    shared_requested += 1;
+                                }
                             }
                             if k == 0 {
                                 // The background continues from here.
@@ -283,7 +352,7 @@ fn stream_rest(
                         links.main.end_round()?;
                     }
                 }
-                FromTarget::Done(d) => return Ok(d),
+                FromTarget::Done(d) => return Ok((d, shared_requested)),
                 FromTarget::Lost(why) => return Err(lost(why)),
             }
         }
