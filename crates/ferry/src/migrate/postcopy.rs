@@ -1340,6 +1340,51 @@ mod tests {
     }
 
     #[test]
+    fn pending_set_counts_overlapping_runs_once() {
+        let mut p = PendingSet::new(&[run(0x1000, 4), run(0x3000, 4), run(0x4000, 1)]);
+        assert_eq!(p.left(), 6);
+        for k in 1..7 {
+            assert!(p.take(k * PAGE), "page {k}");
+        }
+        assert_eq!(p.left(), 0);
+    }
+
+    #[test]
+    fn planned_runs_split_into_private_and_object_pages() {
+        use crate::image::tests_support::{inventory, process, shmem_vma};
+        let inv = inventory(vec![process(
+            3,
+            vec![
+                shmem_vma(0x10000, 0x10000 + 4 * PAGE, 5, 8 * PAGE),
+                shmem_vma(0x20000, 0x20000 + 2 * PAGE, 6, 0),
+            ],
+        )]);
+        let l = SharedLayout::new(&inv);
+        let mut private = Vec::new();
+        let mut names = HashMap::new();
+        // From two pages below the first area to the end of the second.
+        split_run(
+            &l,
+            3,
+            &run(0x10000 - 2 * PAGE, 20),
+            &mut private,
+            &mut names,
+        );
+        let got: Vec<(u64, u32)> = private.iter().map(|r| (r.addr, r.npages)).collect();
+        assert_eq!(got, vec![(0xe000, 2), (0x14000, 12)]);
+        assert_eq!(names[&5], vec![(8 * PAGE, 4, 3, 0x10000)]);
+        assert_eq!(names[&6], vec![(0, 2, 3, 0x20000)]);
+        let o = SharedObject {
+            file: File::open("/dev/null").unwrap(),
+            pending: PendingSet::new(&[run(8 * PAGE, 4)]),
+            names: names.remove(&5).unwrap(),
+        };
+        assert_eq!(o.name_of(10 * PAGE), Some((3, 0x12000)));
+        assert_eq!(o.name_of(12 * PAGE), None);
+        assert_eq!(o.name_of(0), None);
+    }
+
+    #[test]
     fn remaps_translate_both_ways_and_carry_dropped_ranges() {
         let (a, b) = UnixStream::pair().unwrap();
         drop(b);

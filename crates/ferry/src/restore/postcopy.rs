@@ -271,3 +271,80 @@ pub fn register(
         ranges: ranges.into_iter().map(|(s, e, _)| (s, e)).collect(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::tests_support::{inventory, process, shmem_vma};
+    use crate::image::{FileImage, FileKind};
+
+    const P: u64 = 4096;
+
+    /// Object 7 mapped by 10 twice (whole, and its second half again) and
+    /// by 11 from page 2; object 9 (open as a memfd) by 10.
+    fn inv() -> Inventory {
+        let mut inv = inventory(vec![
+            process(
+                10,
+                vec![
+                    shmem_vma(0x10000, 0x10000 + 8 * P, 7, 0),
+                    shmem_vma(0x40000, 0x40000 + 4 * P, 7, 4 * P),
+                    shmem_vma(0x80000, 0x80000 + 2 * P, 9, 0),
+                ],
+            ),
+            process(11, vec![shmem_vma(0x20000, 0x20000 + 6 * P, 7, 2 * P)]),
+        ]);
+        inv.files.push(FileImage {
+            flags: 2,
+            pos: 0,
+            kind: FileKind::Memfd {
+                name: "m".into(),
+                id: 9,
+                size: 2 * P,
+                blob: None,
+            },
+        });
+        inv
+    }
+
+    #[test]
+    fn objects_with_a_descriptor_are_not_lazy() {
+        let inv = inv();
+        assert_eq!(lazy_objects(&inv), HashSet::from([7]));
+        let l = SharedLayout::new(&inv);
+        assert_eq!(l.areas(10).len(), 2);
+        assert!(l.area(10, 0x80000).is_none());
+        let a = l.area(11, 0x20000 + P + 5).unwrap();
+        assert_eq!((a.id, a.offset_of(0x20000 + P)), (7, 3 * P));
+        assert!(l.area(11, 0x20000 + 6 * P).is_none());
+        assert!(l.area(12, 0x20000).is_none());
+    }
+
+    #[test]
+    fn a_planned_shared_page_is_missing_in_every_mapping() {
+        let l = SharedLayout::new(&inv());
+        // Object pages 5 and 6, planned under process 11 (its pages 3, 4).
+        let mut planned = PlannedPages::new();
+        planned.insert(11, vec![(0x20000 + 3 * P, 0x20000 + 5 * P)]);
+        planned.insert(10, vec![(0x90000, 0x91000)]);
+        l.expand(&mut planned);
+        assert_eq!(
+            planned[&10],
+            vec![
+                (0x10000 + 5 * P, 0x10000 + 7 * P),
+                (0x40000 + P, 0x40000 + 3 * P),
+                (0x90000, 0x91000)
+            ]
+        );
+        assert_eq!(planned[&11], vec![(0x20000 + 3 * P, 0x20000 + 5 * P)]);
+        let p10 = &inv().processes[0];
+        let mode = uffd::UFFDIO_REGISTER_MODE_MISSING | uffd::UFFDIO_REGISTER_MODE_MINOR;
+        assert_eq!(
+            areas_to_register(p10, &planned[&10], &l),
+            vec![
+                (0x10000, 0x10000 + 8 * P, mode),
+                (0x40000, 0x40000 + 4 * P, mode)
+            ]
+        );
+    }
+}

@@ -413,6 +413,18 @@ mod tests {
     }
 
     #[test]
+    fn each_shared_page_is_planned_once() {
+        let mut seen = SharedSeen::default();
+        assert!(seen.first(1, 4 * PAGE, 0));
+        assert!(seen.first(1, 4 * PAGE, 3 * PAGE));
+        assert!(!seen.first(1, 4 * PAGE, 0));
+        assert!(seen.first(2, 4 * PAGE, 0));
+        // Beyond the size given first (a larger mapping seen later).
+        assert!(seen.first(1, 4 * PAGE, 200 * PAGE));
+        assert!(!seen.first(1, 4 * PAGE, 200 * PAGE));
+    }
+
+    #[test]
     fn runs_of_joins_consecutive_pages() {
         let r = runs_of(&[0x1000, 0x2000, 0x3000, 0x9000]);
         assert_eq!(
