@@ -29,9 +29,12 @@
  * prints PASS shm.  A child whose parent is gone, or a parent whose child is,
  * fails instead of waiting.
  *
- * Usage: shm [SH_MIB [mapped]].  SH_MIB sizes SH (default 1); with
+ * Usage: shm [SH_MIB [mapped] [forks]].  SH_MIB sizes SH (default 1); with
  * "mapped" both processes close the memfd once it is mapped, so it is
- * reachable through its mappings only (no pread checks then).
+ * reachable through its mappings only (no pread checks then); with "forks"
+ * the parent forks a helper every 50 ms, in its own turn, that checks
+ * all of SH and MF through the mappings it inherited (a fresh process maps
+ * none of their pages yet) and exits with the verdict.
  */
 #include "common.h"
 
@@ -62,6 +65,7 @@ static uint64_t *sh, *mf1, *mf2, *pv;
 static long sh_pages = 256; /* SH, page 0 the control block */
 static int memfd;
 static int keep_fd = 1; /* pread checks through the memfd */
+static int forks;       /* fork checking helpers */
 static int side; /* 0 parent, 1 child */
 static pid_t parent_pid, child_pid;
 static uint64_t own_gen; /* own PV generations written */
@@ -215,6 +219,30 @@ static void do_turn(uint64_t t)
     atomic_store_explicit(&ctl->turn, t + 1, memory_order_release);
 }
 
+/* In the parent's turn t (nobody writes): a fresh process checks what
+ * turns 0..t-1 left in SH and MF. */
+static void check_in_helper(uint64_t t)
+{
+    pid_t h = fork();
+    CHECK_SYS(h);
+    if (h == 0) {
+        wl_init("shm/helper");
+        full_check_shared((int64_t)t - 1);
+        _exit(0);
+    }
+    double end = wl_now() + BOUND;
+    int st;
+    for (;;) {
+        pid_t r = waitpid(h, &st, WNOHANG);
+        if (r == h)
+            break;
+        CHECK(r == 0 || (r < 0 && errno == EINTR), "waitpid(helper): %s", strerror(errno));
+        CHECK(wl_now() < end, "helper %d did not finish", (int)h);
+        wl_sleep(0.001);
+    }
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "helper ended with wait status %#x", st);
+}
+
 static void *map(size_t len, int flags, int fd)
 {
     void *p = mmap(NULL, len, PROT_READ | PROT_WRITE, flags, fd, 0);
@@ -251,9 +279,13 @@ int main(int argc, char **argv)
         CHECK(mib >= 1 && mib <= 4096, "SH size %s MiB", argv[1]);
         sh_pages = mib * 256;
     }
-    if (argc > 2) {
-        CHECK(strcmp(argv[2], "mapped") == 0, "unknown argument %s", argv[2]);
-        keep_fd = 0;
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "mapped") == 0)
+            keep_fd = 0;
+        else if (strcmp(argv[i], "forks") == 0)
+            forks = 1;
+        else
+            wl_fail("unknown argument %s", argv[i]);
     }
 
     sh = map(sh_pages * PAGE, MAP_SHARED | MAP_ANONYMOUS, -1);
@@ -284,6 +316,7 @@ int main(int argc, char **argv)
         do_turn(t);
     }
     wl_ready(secs);
+    double next_helper = 0;
     for (;;) {
         if (wl_time_up()) {
             /* Check the child's last turn, then tell it to stop. */
@@ -292,6 +325,10 @@ int main(int argc, char **argv)
             atomic_store(&ctl->stop, 1);
             atomic_store_explicit(&ctl->turn, t + 1, memory_order_release);
             break;
+        }
+        if (forks && wl_now() >= next_helper) {
+            check_in_helper(t);
+            next_helper = wl_now() + 0.05;
         }
         do_turn(t);
         if (t % 512 == 0)

@@ -465,6 +465,8 @@ pub struct Pager {
     latencies_us: Vec<f64>,
     remote_faults: u64,
     local_faults: u64,
+    /// Faults the kernel reported MINOR (shared pages cached, not mapped).
+    minor_faults: u64,
     placed: u64,
     /// Fills that met EAGAIN (an unread event): (space, local addr, data or zero).
     retry: Vec<Retry>,
@@ -552,6 +554,7 @@ impl Pager {
                 latencies_us: Vec::new(),
                 remote_faults: 0,
                 local_faults: 0,
+                minor_faults: 0,
                 placed: 0,
                 retry: Vec::new(),
                 rx,
@@ -590,6 +593,15 @@ impl Pager {
             return out;
         }
         let done = out?;
+        tracing::debug!(
+            pid = self.root,
+            pages = done.pages_placed,
+            remote_faults = done.remote_faults,
+            local_faults = done.local_faults,
+            minor_faults = self.minor_faults,
+            "pager done after {:.1} ms",
+            done.last_page_ms
+        );
         self.release();
         let msg = crate::wire::Message::PostcopyDone(done);
         (self.send)(std::slice::from_ref(&msg))?;
@@ -756,7 +768,10 @@ impl Pager {
         let s = &self.spaces[i];
         let src = s.to_source(addr);
         if self.shared.area(s.vpid, src).is_some() {
-            self.on_shared(i, addr, minor);
+            self.minor_faults += minor as u64;
+            if self.on_shared(i, addr, minor) {
+                self.local_faults += 1;
+            }
             return;
         }
         let planned =
@@ -784,18 +799,19 @@ impl Pager {
     /// arrived, or a mapping elsewhere placed it), so CONTINUE maps it, or
     /// it is a hole the source never had, which gets a zero page. `minor`
     /// says which the kernel saw; either is tried when the other fails,
-    /// since the cache may have changed between the fault and now.
-    fn on_shared(&mut self, i: usize, addr: u64, minor: bool) {
+    /// since the cache may have changed between the fault and now. Whether
+    /// it was answered here (not requested).
+    fn on_shared(&mut self, i: usize, addr: u64, minor: bool) -> bool {
         let s = &self.spaces[i];
         let src = s.to_source(addr);
         let Some(area) = self.shared.area(s.vpid, src) else {
-            return;
+            return false;
         };
         let off = area.offset_of(src);
         if let Some(obj) = self.objects.get(&area.id) {
             if obj.pending.contains(off) {
                 let Some((vpid, name)) = obj.name_of(off) else {
-                    return;
+                    return false;
                 };
                 if let std::collections::hash_map::Entry::Vacant(e) =
                     self.awaiting.entry((vpid, name))
@@ -808,7 +824,7 @@ impl Pager {
                         npages: 1,
                     });
                 }
-                return;
+                return false;
             }
         }
         let fd = s.fd.clone();
@@ -838,6 +854,7 @@ impl Pager {
                 _ => tracing::debug!("shared page {addr:#x}: {e}"),
             }
         }
+        true
     }
 
     /// Fills one page of space `i` (zero when `data` is None); `src` is
