@@ -402,6 +402,27 @@ fn split_run(
     }
 }
 
+/// Sorts an object's names by offset and keeps each page once, even if a
+/// (faulty) source named one twice: a fault must always find the name to
+/// request.
+fn tidy_names(n: &mut Vec<(u64, u32, i32, u64)>) {
+    n.sort_unstable_by_key(|x| x.0);
+    let mut end = 0u64;
+    n.retain_mut(|(off, np, _, addr)| {
+        let e = *off + *np as u64 * PAGE;
+        if e <= end {
+            return false;
+        }
+        if *off < end {
+            *addr += end - *off;
+            *np = ((e - end) / PAGE) as u32;
+            *off = end;
+        }
+        end = e;
+        true
+    });
+}
+
 fn io_err(what: &str, source: std::io::Error) -> MigrateError {
     MigrateError::Io {
         what: what.into(),
@@ -518,7 +539,7 @@ impl Pager {
         }
         let mut objects = HashMap::new();
         for (id, mut n) in names {
-            n.sort_unstable_by_key(|x| x.0);
+            tidy_names(&mut n);
             let fd = shmem.get(&id).ok_or_else(|| {
                 MigrateError::Internal(format!("shared object {id:#x} planned but not restored"))
             })?;
@@ -1399,6 +1420,17 @@ mod tests {
         assert_eq!(o.name_of(10 * PAGE), Some((3, 0x12000)));
         assert_eq!(o.name_of(12 * PAGE), None);
         assert_eq!(o.name_of(0), None);
+    }
+
+    #[test]
+    fn object_pages_named_twice_keep_one_name() {
+        let mut n = vec![
+            (4 * PAGE, 4, 2, 0x50000),
+            (0, 6, 1, 0x10000),
+            (PAGE, 1, 3, 0x90000),
+        ];
+        tidy_names(&mut n);
+        assert_eq!(n, vec![(0, 6, 1, 0x10000), (6 * PAGE, 2, 2, 0x52000)]);
     }
 
     #[test]
