@@ -28,6 +28,13 @@
  * parent reaps it (bounded), checks its status and the final contents, and
  * prints PASS shm.  A child whose parent is gone, or a parent whose child is,
  * fails instead of waiting.
+ *
+ * Usage: shm [SH_MIB [mapped] [forks]].  SH_MIB sizes SH (default 1); with
+ * "mapped" both processes close the memfd once it is mapped, so it is
+ * reachable through its mappings only (no pread checks then); with "forks"
+ * the parent forks a helper every 50 ms, in its own turn, that checks
+ * all of SH and MF through the mappings it inherited (a fresh process maps
+ * none of their pages yet) and exits with the verdict.
  */
 #include "common.h"
 
@@ -39,7 +46,6 @@
 
 #define PAGE 4096
 #define PW (PAGE / 8) /* words per page */
-#define SH_PAGES 256
 #define MF_PAGES 128
 #define PV_PAGES 64
 #define PV_HALF 32
@@ -56,7 +62,10 @@ struct ctl {
 
 static struct ctl *ctl;
 static uint64_t *sh, *mf1, *mf2, *pv;
+static long sh_pages = 256; /* SH, page 0 the control block */
 static int memfd;
+static int keep_fd = 1; /* pread checks through the memfd */
+static int forks;       /* fork checking helpers */
 static int side; /* 0 parent, 1 child */
 static pid_t parent_pid, child_pid;
 static uint64_t own_gen; /* own PV generations written */
@@ -107,6 +116,8 @@ static void check_mf_page(long p, int64_t t)
     static uint64_t buf[PW];
     check_page(page_of(mf1, p), "memfd view 1", p, R_MF, t, 0, 0);
     check_page(page_of(mf2, p), "memfd view 2", p, R_MF, t, 0, 0);
+    if (!keep_fd)
+        return;
     ssize_t n = pread(memfd, buf, PAGE, (off_t)p * PAGE);
     CHECK(n == PAGE, "pread memfd page %ld: %zd (%s)", p, n, n < 0 ? strerror(errno) : "short");
     check_page(buf, "memfd pread", p, R_MF, t, 0, 0);
@@ -115,11 +126,13 @@ static void check_mf_page(long p, int64_t t)
 /* Everything in SH and MF after turns 0..last have written. */
 static void full_check_shared(int64_t last)
 {
-    for (long q = 0; q < SH_PAGES - 1; q++)
+    for (long q = 0; q < sh_pages - 1; q++)
         check_page(page_of(sh, 1 + q), "shared anon", 1 + q, R_SH,
-                   last_hit(last, q, SH_PAGES - 1), 0, 0);
+                   last_hit(last, q, sh_pages - 1), 0, 0);
     for (long q = 0; q < MF_PAGES; q++)
         check_mf_page(q, last_hit(last, q, MF_PAGES));
+    if (!keep_fd)
+        return;
     struct stat st;
     CHECK_SYS(fstat(memfd, &st));
     CHECK(st.st_size == MF_PAGES * PAGE, "memfd size %lld", (long long)st.st_size);
@@ -191,11 +204,11 @@ static void do_turn(uint64_t t)
     CHECK(other_done == (t + 1) / 2, "turn %llu: other's count %llu", (unsigned long long)t,
           (unsigned long long)other_done);
     if (t > 0) {
-        long q = (long)((t - 1) % (SH_PAGES - 1));
+        long q = (long)((t - 1) % (sh_pages - 1));
         check_page(page_of(sh, 1 + q), "shared anon", 1 + q, R_SH, (int64_t)t - 1, 0, 0);
         check_mf_page((long)((t - 1) % MF_PAGES), (int64_t)t - 1);
     }
-    write_words(page_of(sh, 1 + (long)(t % (SH_PAGES - 1))), R_SH, t);
+    write_words(page_of(sh, 1 + (long)(t % (sh_pages - 1))), R_SH, t);
     write_words(page_of((t / 2) % 2 ? mf2 : mf1, (long)(t % MF_PAGES)), R_MF, t);
     private_turn();
     if ((int)(t % 128) == side) {
@@ -204,6 +217,30 @@ static void do_turn(uint64_t t)
     }
     atomic_store(&ctl->turns[side], mine_done + 1);
     atomic_store_explicit(&ctl->turn, t + 1, memory_order_release);
+}
+
+/* In the parent's turn t (nobody writes): a fresh process checks what
+ * turns 0..t-1 left in SH and MF. */
+static void check_in_helper(uint64_t t)
+{
+    pid_t h = fork();
+    CHECK_SYS(h);
+    if (h == 0) {
+        wl_init("shm/helper");
+        full_check_shared((int64_t)t - 1);
+        _exit(0);
+    }
+    double end = wl_now() + BOUND;
+    int st;
+    for (;;) {
+        pid_t r = waitpid(h, &st, WNOHANG);
+        if (r == h)
+            break;
+        CHECK(r == 0 || (r < 0 && errno == EINTR), "waitpid(helper): %s", strerror(errno));
+        CHECK(wl_now() < end, "helper %d did not finish", (int)h);
+        wl_sleep(0.001);
+    }
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "helper ended with wait status %#x", st);
 }
 
 static void *map(size_t len, int flags, int fd)
@@ -218,6 +255,8 @@ static void run_child(void)
     wl_init("shm/child");
     side = 1;
     mf2 = map(MF_PAGES * PAGE, MAP_SHARED, memfd);
+    if (!keep_fd)
+        CHECK_SYS(close(memfd));
     for (;;) {
         uint64_t t = wait_turn();
         if (atomic_load(&ctl->stop)) {
@@ -230,13 +269,26 @@ static void run_child(void)
     }
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
     wl_init("shm");
     double secs = wl_secs(2.0);
     parent_pid = getpid();
+    if (argc > 1) {
+        long mib = atol(argv[1]);
+        CHECK(mib >= 1 && mib <= 4096, "SH size %s MiB", argv[1]);
+        sh_pages = mib * 256;
+    }
+    for (int i = 2; i < argc; i++) {
+        if (strcmp(argv[i], "mapped") == 0)
+            keep_fd = 0;
+        else if (strcmp(argv[i], "forks") == 0)
+            forks = 1;
+        else
+            wl_fail("unknown argument %s", argv[i]);
+    }
 
-    sh = map(SH_PAGES * PAGE, MAP_SHARED | MAP_ANONYMOUS, -1);
+    sh = map(sh_pages * PAGE, MAP_SHARED | MAP_ANONYMOUS, -1);
     ctl = (struct ctl *)sh;
     memfd = memfd_create("ferry-shm", 0);
     CHECK_SYS(memfd);
@@ -253,6 +305,8 @@ int main(void)
         run_child();
 
     mf2 = map(MF_PAGES * PAGE, MAP_SHARED, memfd);
+    if (!keep_fd)
+        CHECK_SYS(close(memfd));
     uint64_t t;
     /* Two rounds each before READY. */
     for (;;) {
@@ -262,14 +316,19 @@ int main(void)
         do_turn(t);
     }
     wl_ready(secs);
+    double next_helper = 0;
     for (;;) {
         if (wl_time_up()) {
             /* Check the child's last turn, then tell it to stop. */
-            long q = (long)((t - 1) % (SH_PAGES - 1));
+            long q = (long)((t - 1) % (sh_pages - 1));
             check_page(page_of(sh, 1 + q), "shared anon", 1 + q, R_SH, (int64_t)t - 1, 0, 0);
             atomic_store(&ctl->stop, 1);
             atomic_store_explicit(&ctl->turn, t + 1, memory_order_release);
             break;
+        }
+        if (forks && wl_now() >= next_helper) {
+            check_in_helper(t);
+            next_helper = wl_now() + 0.05;
         }
         do_turn(t);
         if (t % 512 == 0)

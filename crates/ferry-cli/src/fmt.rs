@@ -117,12 +117,15 @@ controller {}, stopped by {}{}\n",
     ));
     if let (Some(resume), Some(lat)) = (r.resume_ms, &r.fault_latency_us) {
         s.push_str(&format!(
-            "{}: resumed after {:.1} ms with {} pages, {} pages after; {} remote faults \
-(latency p50 {:.0} µs, p99 {:.0} µs), {} zero-filled; last page {:.1} ms after the resume\n",
+            "{}: resumed after {:.1} ms with {} pages, {} pages after ({} shared, {} of them \
+on request); {} remote faults (latency p50 {:.0} µs, p99 {:.0} µs), {} answered locally; last \
+page {:.1} ms after the resume\n",
             r.mode,
             resume,
             r.pages_before_resume.unwrap_or(0),
             r.pages_after_resume.unwrap_or(0),
+            r.shared_pages_after_resume.unwrap_or(0),
+            r.shared_page_requests.unwrap_or(0),
             r.remote_faults.unwrap_or(0),
             lat.p50,
             lat.p99,

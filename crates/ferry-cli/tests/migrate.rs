@@ -1625,6 +1625,7 @@ postcopy_tests! {
     postcopy_omp: "postcopy" wl("omp", &[], SECS);
     postcopy_tree: "postcopy" wl("tree", &[], SECS);
     postcopy_shm: "postcopy" wl("shm", &[], SECS);
+    postcopy_shm_mapped: "postcopy" wl("shm", &["8", "mapped"], SECS);
     postcopy_churn: "postcopy" churn(&["16"], MEM_SECS);
     hybrid_mem: "hybrid" wl("mem", &["8"], MEM_SECS);
     hybrid_avx: "hybrid" wl("avx", &[], SECS);
@@ -1636,6 +1637,7 @@ postcopy_tests! {
     hybrid_omp: "hybrid" wl("omp", &[], SECS);
     hybrid_tree: "hybrid" wl("tree", &[], SECS);
     hybrid_shm: "hybrid" wl("shm", &[], SECS);
+    hybrid_shm_mapped: "hybrid" wl("shm", &["8", "mapped"], SECS);
     hybrid_churn: "hybrid" churn(&["16"], MEM_SECS);
 }
 
@@ -1668,6 +1670,64 @@ fn postcopy_churn_slow_link() {
     assert!(
         float(&rep.json, "last_page_ms", &s) > 1000.0,
         "48 MiB at 15 MB/s should take seconds after the resume: {s}"
+    );
+}
+
+/// Shared memory goes after the resume (userfaultfd MISSING|MINOR on B,
+/// pages placed through the page cache and UFFDIO_CONTINUE): shm with a
+/// 32 MiB shared anonymous area and its memfd reachable through its
+/// mappings only, over a slow link, so parent and child take turns for
+/// seconds on shared pages still on A (its control block among them) and
+/// must see every page right; helpers the parent forks meanwhile check all
+/// of it through mappings that map no page yet (MINOR faults for the pages
+/// already there).
+#[test]
+fn postcopy_shm_lazy_slow_link() {
+    let Some(mut fx) = Fixture::new() else { return };
+    let w = Wl {
+        name: "shm",
+        args: &["32", "mapped", "forks"],
+        secs: "8",
+        forks: true,
+    };
+    let rep = live_migrate(
+        &mut fx,
+        &w,
+        &[
+            "--mode",
+            "postcopy",
+            "--compress",
+            "none",
+            "--max-bandwidth",
+            "5M",
+        ],
+        1,
+    );
+    check_postcopy_fields(&rep, "postcopy");
+    let s = rep.json.to_string();
+    let shared = uint(&rep.json, "shared_pages_after_resume", &s);
+    let requested = uint(&rep.json, "shared_page_requests", &s);
+    eprintln!("shared pages after the resume: {shared}, {requested} of them on request");
+    for l in fx.agent.stderr().lines() {
+        if l.contains("post-copy complete") || l.contains("pager done") || l.contains("forked") {
+            eprintln!("agent: {l}");
+        }
+    }
+    // Each page of the objects once: 32 MiB + 512 KiB, less pages never
+    // touched.
+    assert!(
+        (8000..=8192 + 128).contains(&shared),
+        "the shared memory (32.5 MiB) should go after the resume, once: {s}"
+    );
+    assert!(
+        requested > 0,
+        "a job working on shared memory during a slow post-copy must fault on it: {s}"
+    );
+    // Zero pages travel as flags: how many depends on how long the job ran
+    // before the freeze, so the bound is loose.
+    assert!(
+        float(&rep.json, "last_page_ms", &s) > 300.0,
+        "up to 32 MiB at 5 MB/s should take a while after the resume: {s}"
     );
 }
 

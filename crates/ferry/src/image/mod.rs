@@ -312,4 +312,44 @@ pub mod tests_support {
             pages_file: format!("pages-{pid}.img"),
         }
     }
+
+    /// An inventory of `processes`, with no files.
+    pub fn inventory(processes: Vec<ProcessImage>) -> Inventory {
+        Inventory {
+            machine: MachineInfo {
+                kernel_release: "test".into(),
+                hostname: "test".into(),
+                page_size: 4096,
+                xstate_size: 0,
+                xcr0: 0,
+                vdso_layout: Vec::new(),
+            },
+            root_pid: processes.first().map_or(1, |p| p.pid),
+            processes,
+            files: Vec::new(),
+            pipes: Vec::new(),
+            blobs: Vec::new(),
+            created_ns: 0,
+            pidns: None,
+        }
+    }
+
+    /// A mapping of shared object `id` from byte `offset`.
+    pub fn shmem_vma(start: u64, end: u64, id: u64, offset: u64) -> Vma {
+        Vma {
+            start,
+            end,
+            prot: 3,
+            shared: true,
+            kind: VmaKind::Shmem {
+                name: "/dev/zero (deleted)".into(),
+                offset,
+                size: offset + (end - start),
+                id,
+            },
+            advice: Advice::default(),
+            pages: Vec::new(),
+            guards: Vec::new(),
+        }
+    }
 }

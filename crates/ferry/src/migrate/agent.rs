@@ -411,6 +411,12 @@ fn restore_job(
             v.push((r.addr, r.addr + len));
         }
     }
+    // A shared page is planned under one of its mappings: it is missing
+    // in all of them.
+    let shared = restore::postcopy::SharedLayout::new(&inv);
+    if postcopy {
+        shared.expand(&mut planned);
+    }
     for (pid, ranges) in &planned {
         pages.drop_ranges(*pid, ranges);
     }
@@ -470,7 +476,8 @@ fn restore_job(
             let main = sess.main.clone();
             let send: postcopy::SendFn = Box::new(move |msgs| send_all(&main, msgs));
             let spaces = std::mem::take(&mut rep.spaces);
-            match Pager::new(spaces, &plans, rep.pid, rep.wait_pid, send) {
+            let shmem = std::mem::take(&mut rep.shmem);
+            match Pager::new(spaces, &plans, shared, &shmem, rep.pid, rep.wait_pid, send) {
                 Ok((p, inbox)) => {
                     *lock(&sess.postcopy) = Some(inbox);
                     pager = Some(p);
@@ -536,7 +543,16 @@ fn start_lazy_fill(
         }
         Ok(())
     });
-    let (p, inbox) = Pager::new(spaces, plans, rep.pid, rep.wait_pid, send)?;
+    // Shared memory is restored whole before the resume (plan() leaves it).
+    let (p, inbox) = Pager::new(
+        spaces,
+        plans,
+        Default::default(),
+        &HashMap::new(),
+        rep.pid,
+        rep.wait_pid,
+        send,
+    )?;
     let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
         std::thread::Builder::new()
             .name(name.into())

@@ -16,11 +16,21 @@
 //! answered here with a zero page. When the last planned page is in place,
 //! the job's own userfaultfd reference is closed (a moment under ptrace)
 //! and ferry's duplicates are dropped, which unregisters everything.
+//!
+//! Shared memory is kept by object, not by address: a planned page of a
+//! shared object is one bit of that object's [`PendingSet`] (over object
+//! offsets), whichever processes and addresses map it. When it arrives it
+//! is written into the object's page cache through ferry's own descriptor,
+//! then mapped with UFFDIO_CONTINUE wherever the job maps it (which wakes
+//! any thread waiting on it). A later touch in a mapping that was missed
+//! (a forked child, a moved area) faults MINOR and gets the same
+//! CONTINUE; a hole that was never planned faults MISSING and gets a zero
+//! page.
 
 use super::MigrateError;
 use crate::checkpoint::FrozenTree;
 use crate::remote::{self, Remote};
-use crate::restore::postcopy::RegisteredSpace;
+use crate::restore::postcopy::{RegisteredSpace, SharedLayout};
 use crate::sys::{self, uffd, PAGE_SIZE};
 use crate::wire::messages::{PageRequest, PlanRun, PostcopyDone};
 use crate::wire::{BatchDecoder, Page, WireError};
@@ -28,6 +38,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -46,9 +57,11 @@ const EVENT_UNMAP: u8 = 0x16;
 /// A `struct uffd_msg` (32 bytes) as far as the pager cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UffdEvent {
-    /// A fault on the page at `addr`.
+    /// A fault on the page at `addr`; `minor`: the page is in the page
+    /// cache but not mapped there (MINOR mode), else it is missing.
     Fault {
         addr: u64,
+        minor: bool,
     },
     /// The process forked; `ufd` is the child's userfaultfd, installed in
     /// this process by the read.
@@ -79,6 +92,7 @@ impl UffdEvent {
         match m[0] {
             EVENT_PAGEFAULT => UffdEvent::Fault {
                 addr: u64_at(16) & !(PAGE - 1),
+                minor: u64_at(8) & uffd::UFFD_PAGEFAULT_FLAG_MINOR != 0,
             },
             EVENT_FORK => {
                 let mut b = [0u8; 4];
@@ -111,13 +125,23 @@ pub struct PendingSet {
 }
 
 impl PendingSet {
-    /// `runs` sorted and disjoint (the receiver checks that).
+    /// `runs` sorted by address; where one overlaps the one before, only
+    /// its new pages count (the receiver checks a plan's order, but shared
+    /// pages are gathered from several plans).
     pub fn new(runs: &[PlanRun]) -> Self {
         let mut s = PendingSet::default();
         let mut bit = 0usize;
+        let mut end = 0u64;
         for r in runs {
-            s.runs.push((r.addr, r.npages, bit));
-            bit += r.npages as usize;
+            let r_end = r.addr + r.npages as u64 * PAGE;
+            let start = r.addr.max(end);
+            if start >= r_end {
+                continue;
+            }
+            let n = ((r_end - start) / PAGE) as u32;
+            s.runs.push((start, n, bit));
+            bit += n as usize;
+            end = r_end;
         }
         s.bits = vec![u64::MAX; bit.div_ceil(64)];
         if bit % 64 != 0 {
@@ -354,6 +378,67 @@ fn subtract(out: &mut Vec<(u64, u64)>, a: u64, b: u64, x: u64, y: u64) {
     }
 }
 
+/// Splits a planned run of process `vpid` into private pages (pushed onto
+/// `private`) and pages of shared objects (onto `names`, by object: offset,
+/// pages, and the run's own process and address).
+fn split_run(
+    shared: &SharedLayout,
+    vpid: i32,
+    run: &PlanRun,
+    private: &mut Vec<PlanRun>,
+    names: &mut HashMap<u64, Vec<(u64, u32, i32, u64)>>,
+) {
+    let end = run.addr + run.npages as u64 * PAGE;
+    let mut a = run.addr;
+    while a < end {
+        let e = match shared.area(vpid, a) {
+            Some(ar) => {
+                let e = end.min(ar.end);
+                let n = ((e - a) / PAGE) as u32;
+                names
+                    .entry(ar.id)
+                    .or_default()
+                    .push((ar.offset_of(a), n, vpid, a));
+                e
+            }
+            None => {
+                let areas = shared.areas(vpid);
+                let next = areas
+                    .get(areas.partition_point(|x| x.start <= a))
+                    .map_or(end, |x| x.start);
+                let e = end.min(next);
+                private.push(PlanRun {
+                    addr: a,
+                    npages: ((e - a) / PAGE) as u32,
+                });
+                e
+            }
+        };
+        a = e;
+    }
+}
+
+/// Sorts an object's names by offset and keeps each page once, even if a
+/// (faulty) source named one twice: a fault must always find the name to
+/// request.
+fn tidy_names(n: &mut Vec<(u64, u32, i32, u64)>) {
+    n.sort_unstable_by_key(|x| x.0);
+    let mut end = 0u64;
+    n.retain_mut(|(off, np, _, addr)| {
+        let e = *off + *np as u64 * PAGE;
+        if e <= end {
+            return false;
+        }
+        if *off < end {
+            *addr += end - *off;
+            *np = ((e - end) / PAGE) as u32;
+            *off = end;
+        }
+        end = e;
+        true
+    });
+}
+
 fn io_err(what: &str, source: std::io::Error) -> MigrateError {
     MigrateError::Io {
         what: what.into(),
@@ -366,6 +451,9 @@ fn io_err(what: &str, source: std::io::Error) -> MigrateError {
 enum Retry {
     /// A zero page for a fault in one space.
     Fault { space: usize, addr: u64 },
+    /// A fault or a mapping in a shared area of one space (never of a
+    /// page still planned).
+    Shared { space: usize, addr: u64 },
     /// A page from the source: into *every* space of its process, since
     /// the unread event may be the fork of a child that lacks it too.
     Page {
@@ -378,16 +466,44 @@ enum Retry {
 /// Sends control messages to the source (on the main connection).
 pub type SendFn = Box<dyn FnMut(&[crate::wire::Message]) -> Result<(), MigrateError> + Send>;
 
+/// A shared-memory object with pages still on the source.
+struct SharedObject {
+    /// Ferry's own descriptor: pages go into the page cache through it.
+    file: File,
+    /// Planned pages, by byte offset in the object.
+    pending: PendingSet,
+    /// (object offset, pages, process, address): under which process and
+    /// address the source planned (and sends) each page. Sorted, disjoint.
+    names: Vec<(u64, u32, i32, u64)>,
+}
+
+impl SharedObject {
+    /// The (process, address) the source knows the page at `off` by.
+    fn name_of(&self, off: u64) -> Option<(i32, u64)> {
+        let i = self.names.partition_point(|&(o, _, _, _)| o <= off);
+        let &(o, n, vpid, addr) = self.names.get(i.checked_sub(1)?)?;
+        (off < o + n as u64 * PAGE).then_some((vpid, addr + (off - o)))
+    }
+}
+
 /// The target's post-copy state.
 pub struct Pager {
     spaces: Vec<Space>,
+    /// Planned private pages, by source process.
     pending: HashMap<i32, PendingSet>,
+    /// Where the job maps shared objects that have planned pages.
+    shared: SharedLayout,
+    objects: HashMap<u64, SharedObject>,
+    /// A page of zeros for shared pages that arrive as zero.
+    zero: Box<[u8; PAGE_SIZE]>,
     /// Planned pages requested from the source: (vpid, addr) → when the
     /// first fault on it was read.
     awaiting: HashMap<(i32, u64), Instant>,
     latencies_us: Vec<f64>,
     remote_faults: u64,
     local_faults: u64,
+    /// Faults the kernel reported MINOR (shared pages cached, not mapped).
+    minor_faults: u64,
     placed: u64,
     /// Fills that met EAGAIN (an unread event): (space, local addr, data or zero).
     retry: Vec<Retry>,
@@ -403,10 +519,14 @@ pub struct Pager {
 }
 
 impl Pager {
-    /// A pager for the restored job's `spaces` and the source's `plans`.
+    /// A pager for the restored job's `spaces` and the source's `plans`;
+    /// `shared` and `shmem` (ferry's descriptors of the job's shared
+    /// objects) as the restore used them.
     pub fn new(
         spaces: Vec<RegisteredSpace>,
         plans: &[crate::wire::messages::PostcopyPlan],
+        shared: SharedLayout,
+        shmem: &HashMap<u64, Arc<OwnedFd>>,
         root: i32,
         kill_pid: i32,
         send: SendFn,
@@ -422,8 +542,39 @@ impl Pager {
         for p in plans {
             runs.entry(p.pid).or_default().extend_from_slice(&p.runs);
         }
+        // Runs in shared areas become object pages.
+        let mut names: HashMap<u64, Vec<(u64, u32, i32, u64)>> = HashMap::new();
         for (vpid, r) in runs {
-            pending.insert(vpid, PendingSet::new(&r));
+            let mut private = Vec::with_capacity(r.len());
+            for run in &r {
+                split_run(&shared, vpid, run, &mut private, &mut names);
+            }
+            if !private.is_empty() {
+                pending.insert(vpid, PendingSet::new(&private));
+            }
+        }
+        let mut objects = HashMap::new();
+        for (id, mut n) in names {
+            tidy_names(&mut n);
+            let fd = shmem.get(&id).ok_or_else(|| {
+                MigrateError::Internal(format!("shared object {id:#x} planned but not restored"))
+            })?;
+            let file = fd
+                .try_clone()
+                .map(File::from)
+                .map_err(|e| io_err("duplicating a shared-memory descriptor", e))?;
+            let runs: Vec<PlanRun> = n
+                .iter()
+                .map(|&(off, npages, _, _)| PlanRun { addr: off, npages })
+                .collect();
+            objects.insert(
+                id,
+                SharedObject {
+                    file,
+                    pending: PendingSet::new(&runs),
+                    names: n,
+                },
+            );
         }
         let spaces = spaces
             .into_iter()
@@ -433,10 +584,14 @@ impl Pager {
             Pager {
                 spaces,
                 pending,
+                shared,
+                objects,
+                zero: Box::new([0u8; PAGE_SIZE]),
                 awaiting: HashMap::new(),
                 latencies_us: Vec::new(),
                 remote_faults: 0,
                 local_faults: 0,
+                minor_faults: 0,
                 placed: 0,
                 retry: Vec::new(),
                 rx,
@@ -456,7 +611,8 @@ impl Pager {
     }
 
     fn left(&self) -> u64 {
-        self.pending.values().map(PendingSet::left).sum()
+        self.pending.values().map(PendingSet::left).sum::<u64>()
+            + self.objects.values().map(|o| o.pending.left()).sum::<u64>()
     }
 
     /// Serves until every planned page is in place (or the job ended).
@@ -474,6 +630,15 @@ impl Pager {
             return out;
         }
         let done = out?;
+        tracing::debug!(
+            pid = self.root,
+            pages = done.pages_placed,
+            remote_faults = done.remote_faults,
+            local_faults = done.local_faults,
+            minor_faults = self.minor_faults,
+            "pager done after {:.1} ms",
+            done.last_page_ms
+        );
         self.release();
         let msg = crate::wire::Message::PostcopyDone(done);
         (self.send)(std::slice::from_ref(&msg))?;
@@ -518,7 +683,7 @@ impl Pager {
             while matches!((&self.wake).read(&mut drain), Ok(n) if n > 0) {}
             loop {
                 match self.rx.try_recv() {
-                    Ok(Input::Pages(a)) => self.place(a),
+                    Ok(Input::Pages(a)) => self.place(a)?,
                     Ok(Input::Lost(why)) => {
                         return Err(MigrateError::Stream(format!(
                             "the source was lost with {} pages still there: {why}",
@@ -618,7 +783,7 @@ impl Pager {
 
     fn on_event(&mut self, i: usize, m: &[u8]) -> Result<(), MigrateError> {
         match UffdEvent::parse(m) {
-            UffdEvent::Fault { addr } => self.on_fault(i, addr),
+            UffdEvent::Fault { addr, minor } => self.on_fault(i, addr, minor),
             UffdEvent::Fork { ufd } => {
                 let fd = sys::adopt_fork_uffd(ufd)
                     .map_err(|e| io_err("userfaultfd of a forked child", e))?;
@@ -636,9 +801,16 @@ impl Pager {
         Ok(())
     }
 
-    fn on_fault(&mut self, i: usize, addr: u64) {
+    fn on_fault(&mut self, i: usize, addr: u64, minor: bool) {
         let s = &self.spaces[i];
         let src = s.to_source(addr);
+        if self.shared.area(s.vpid, src).is_some() {
+            self.minor_faults += minor as u64;
+            if self.on_shared(i, addr, minor) {
+                self.local_faults += 1;
+            }
+            return;
+        }
         let planned =
             !s.is_gone(addr) && self.pending.get(&s.vpid).is_some_and(|p| p.contains(src));
         if planned {
@@ -657,6 +829,69 @@ impl Pager {
         self.local_faults += 1;
         let fd = s.fd.clone();
         self.fill(i, addr, None, None, &fd);
+    }
+
+    /// A fault (or a page to map) at `addr` of space `i`, in a shared area:
+    /// a planned page is requested; any other is in the page cache (it
+    /// arrived, or a mapping elsewhere placed it), so CONTINUE maps it, or
+    /// it is a hole the source never had, which gets a zero page. `minor`
+    /// says which the kernel saw; either is tried when the other fails,
+    /// since the cache may have changed between the fault and now. Whether
+    /// it was answered here (not requested).
+    fn on_shared(&mut self, i: usize, addr: u64, minor: bool) -> bool {
+        let s = &self.spaces[i];
+        let src = s.to_source(addr);
+        let Some(area) = self.shared.area(s.vpid, src) else {
+            return false;
+        };
+        let off = area.offset_of(src);
+        if let Some(obj) = self.objects.get(&area.id) {
+            if obj.pending.contains(off) {
+                let Some((vpid, name)) = obj.name_of(off) else {
+                    return false;
+                };
+                if let std::collections::hash_map::Entry::Vacant(e) =
+                    self.awaiting.entry((vpid, name))
+                {
+                    e.insert(Instant::now());
+                    self.remote_faults += 1;
+                    self.requests.push(PageRequest {
+                        pid: vpid,
+                        addr: name,
+                        npages: 1,
+                    });
+                }
+                return false;
+            }
+        }
+        let fd = s.fd.clone();
+        let fd = fd.as_fd();
+        let r = if minor {
+            match uffd::cont(fd, addr, PAGE, 0) {
+                Err(e) if e.error.raw_os_error() == Some(libc::EFAULT) => {
+                    uffd::zeropage(fd, addr, PAGE, 0)
+                }
+                r => r,
+            }
+        } else {
+            match uffd::zeropage(fd, addr, PAGE, 0) {
+                Err(e) if e.error.raw_os_error() == Some(libc::EEXIST) => {
+                    uffd::cont(fd, addr, PAGE, 0)
+                }
+                r => r,
+            }
+        };
+        if let Err(e) = r {
+            match e.error.raw_os_error() {
+                Some(libc::EEXIST) => {
+                    let _ = uffd::wake(fd, addr, PAGE);
+                }
+                Some(libc::EAGAIN) => self.retry.push(Retry::Shared { space: i, addr }),
+                Some(libc::ESRCH) => self.spaces[i].dead = true,
+                _ => tracing::debug!("shared page {addr:#x}: {e}"),
+            }
+        }
+        true
     }
 
     /// Fills one page of space `i` (zero when `data` is None); `src` is
@@ -702,6 +937,11 @@ impl Pager {
     fn retry_fills(&mut self) {
         for r in std::mem::take(&mut self.retry) {
             match r {
+                Retry::Shared { space, addr } => {
+                    if !self.spaces[space].dead {
+                        self.on_shared(space, addr, true);
+                    }
+                }
                 Retry::Fault { space, addr } => {
                     let s = &self.spaces[space];
                     if s.dead || s.is_gone(addr) {
@@ -734,34 +974,52 @@ impl Pager {
         }
     }
 
-    fn place(&mut self, a: Arrival) {
+    fn place(&mut self, a: Arrival) -> Result<(), MigrateError> {
         let now = Instant::now();
-        let Some(pending) = self.pending.get_mut(&a.vpid) else {
-            return;
-        };
-        // Pages still planned, as (addr, data offset or None for zero).
+        // Pages still planned, as (addr, data offset or None for zero):
+        // private ones, and shared ones (with their object and offset).
         let mut todo: Vec<(u64, Option<usize>)> = Vec::with_capacity(a.items.len());
-        for it in &a.items {
-            match *it {
-                Item::Data { addr, at } => {
-                    if pending.take(addr) {
-                        todo.push((addr, Some(at)));
+        let mut shared: Vec<(u64, u64, u64, Option<usize>)> = Vec::new();
+        let mut pending = self.pending.get_mut(&a.vpid);
+        let mut take = |addr: u64, at: Option<usize>| {
+            if pending.as_mut().is_some_and(|p| p.take(addr)) {
+                todo.push((addr, at));
+            } else if let Some(area) = self.shared.area(a.vpid, addr) {
+                let off = area.offset_of(addr);
+                if let Some(obj) = self.objects.get_mut(&area.id) {
+                    if obj.pending.take(off) {
+                        shared.push((area.id, off, addr, at));
                     }
                 }
+            }
+        };
+        for it in &a.items {
+            match *it {
+                Item::Data { addr, at } => take(addr, Some(at)),
                 Item::Zero { addr, npages } => {
                     for k in 0..npages as u64 {
-                        if pending.take(addr + k * PAGE) {
-                            todo.push((addr + k * PAGE, None));
-                        }
+                        take(addr + k * PAGE, None);
                     }
                 }
             }
         }
-        if todo.is_empty() {
-            return;
+        if todo.is_empty() && shared.is_empty() {
+            return Ok(());
         }
-        self.placed += todo.len() as u64;
+        self.placed += (todo.len() + shared.len()) as u64;
         self.last_page = Some(now);
+        if !shared.is_empty() {
+            self.place_shared(&a, &shared)?;
+            for &(_, _, addr, _) in &shared {
+                if let Some(t) = self.awaiting.remove(&(a.vpid, addr)) {
+                    self.latencies_us
+                        .push(now.duration_since(t).as_secs_f64() * 1e6);
+                }
+            }
+            if todo.is_empty() {
+                return Ok(());
+            }
+        }
         // Runs of pages at consecutive addresses whose contents are
         // consecutive in one buffer: one UFFDIO_COPY each where the space
         // has the source's addresses.
@@ -806,6 +1064,110 @@ impl Pager {
             if let Some(t) = self.awaiting.remove(&(a.vpid, addr)) {
                 self.latencies_us
                     .push(now.duration_since(t).as_secs_f64() * 1e6);
+            }
+        }
+        Ok(())
+    }
+
+    /// Shared pages that arrived, as (object, offset, source address,
+    /// contents or zero): into the object's page cache first, then mapped
+    /// wherever the job maps them. A failed write must end the post-copy:
+    /// the hole left would read as zeros.
+    fn place_shared(
+        &mut self,
+        a: &Arrival,
+        pages: &[(u64, u64, u64, Option<usize>)],
+    ) -> Result<(), MigrateError> {
+        // Runs of consecutive offsets of one object with consecutive
+        // contents in one buffer: one write each.
+        let mut k = 0;
+        while k < pages.len() {
+            let (id, off, _, at) = pages[k];
+            let mut n = 1;
+            while let Some(&(id2, off2, _, at2)) = pages.get(k + n) {
+                let next = match (at, at2) {
+                    (Some(x), Some(y)) => y == x + n * PAGE_SIZE && a.pages(x, n + 1).is_some(),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if id2 != id || off2 != off + n as u64 * PAGE || !next {
+                    break;
+                }
+                n += 1;
+            }
+            let Some(obj) = self.objects.get(&id) else {
+                k += n;
+                continue;
+            };
+            let res = match at.and_then(|at| a.pages(at, n)) {
+                Some(data) => obj.file.write_all_at(data, off),
+                None if at.is_some() => Err(std::io::Error::other("contents not in one buffer")),
+                None => (0..n as u64)
+                    .try_for_each(|j| obj.file.write_all_at(&self.zero[..], off + j * PAGE)),
+            };
+            res.map_err(|e| {
+                io_err(
+                    &format!("writing shared object {id:#x} at offset {off:#x} ({n} pages)"),
+                    e,
+                )
+            })?;
+            self.map_shared(id, off, off + n as u64 * PAGE);
+            k += n;
+        }
+        Ok(())
+    }
+
+    /// Maps object `id`'s `[start, end)` (in the page cache now) in every
+    /// space that maps it; wakes threads waiting there.
+    fn map_shared(&mut self, id: u64, start: u64, end: u64) {
+        for i in 0..self.spaces.len() {
+            if self.spaces[i].dead {
+                continue;
+            }
+            let vpid = self.spaces[i].vpid;
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            for ar in self.shared.areas(vpid).iter().filter(|x| x.id == id) {
+                let top = ar.offset + (ar.end - ar.start);
+                let (s, e) = (start.max(ar.offset), end.min(top));
+                if s < e {
+                    ranges.push((ar.start + (s - ar.offset), ar.start + (e - ar.offset)));
+                }
+            }
+            let fd = self.spaces[i].fd.clone();
+            let unmoved = self.spaces[i].moves.is_empty();
+            for (s, e) in ranges {
+                // The whole run at once where the addresses are the
+                // source's; page by page from where that stops (a page
+                // mapped already, a moved area, an unread event).
+                let mut at = s;
+                if unmoved {
+                    match uffd::cont(fd.as_fd(), s, e - s, 0) {
+                        Ok(_) => continue,
+                        Err(err) => at = s + err.done,
+                    }
+                }
+                while at < e {
+                    let local = self.spaces[i].to_local(at);
+                    match uffd::cont(fd.as_fd(), local, PAGE, 0) {
+                        Ok(_) => {}
+                        Err(err) => match err.error.raw_os_error() {
+                            Some(libc::EEXIST) => {
+                                let _ = uffd::wake(fd.as_fd(), local, PAGE);
+                            }
+                            Some(libc::EAGAIN) => self.retry.push(Retry::Shared {
+                                space: i,
+                                addr: local,
+                            }),
+                            Some(libc::ESRCH) => {
+                                self.spaces[i].dead = true;
+                                break;
+                            }
+                            // Not mapped there any more, or not registered.
+                            _ => {}
+                        },
+                    }
+                    at += PAGE;
+                }
             }
         }
     }
@@ -857,6 +1219,7 @@ impl Pager {
             let _ = h.join();
         }
         self.spaces.clear();
+        self.objects.clear();
     }
 }
 
@@ -888,9 +1251,11 @@ fn serve_zero_faults(fds: &[Arc<OwnedFd>], stop: &AtomicBool) {
                 }
                 for m in buf[..n].chunks_exact(MSG_LEN) {
                     match UffdEvent::parse(m) {
-                        // Already there: wake the waiter instead.
-                        UffdEvent::Fault { addr }
-                            if uffd::zeropage(r.as_fd(), addr, PAGE, 0).is_err() =>
+                        // In the page cache (shared memory): map it;
+                        // mapped already: wake the waiter instead.
+                        UffdEvent::Fault { addr, .. }
+                            if uffd::zeropage(r.as_fd(), addr, PAGE, 0).is_err()
+                                && uffd::cont(r.as_fd(), addr, PAGE, 0).is_err() =>
                         {
                             let _ = uffd::wake(r.as_fd(), addr, PAGE);
                         }
@@ -971,7 +1336,17 @@ mod tests {
         };
         assert_eq!(
             UffdEvent::parse(&msg(EVENT_PAGEFAULT, [1, 0x7000_1234, 0])),
-            UffdEvent::Fault { addr: 0x7000_1000 }
+            UffdEvent::Fault {
+                addr: 0x7000_1000,
+                minor: false
+            }
+        );
+        assert_eq!(
+            UffdEvent::parse(&msg(EVENT_PAGEFAULT, [4, 0x7000_1234, 0])),
+            UffdEvent::Fault {
+                addr: 0x7000_1000,
+                minor: true
+            }
         );
         assert_eq!(
             UffdEvent::parse(&msg(EVENT_FORK, [0xffff_ffff_0000_0009, 0, 0])),
@@ -1016,6 +1391,62 @@ mod tests {
         p.take(0x1000);
         p.take(0x3000);
         assert_eq!(p.left(), 0);
+    }
+
+    #[test]
+    fn pending_set_counts_overlapping_runs_once() {
+        let mut p = PendingSet::new(&[run(0x1000, 4), run(0x3000, 4), run(0x4000, 1)]);
+        assert_eq!(p.left(), 6);
+        for k in 1..7 {
+            assert!(p.take(k * PAGE), "page {k}");
+        }
+        assert_eq!(p.left(), 0);
+    }
+
+    #[test]
+    fn planned_runs_split_into_private_and_object_pages() {
+        use crate::image::tests_support::{inventory, process, shmem_vma};
+        let inv = inventory(vec![process(
+            3,
+            vec![
+                shmem_vma(0x10000, 0x10000 + 4 * PAGE, 5, 8 * PAGE),
+                shmem_vma(0x20000, 0x20000 + 2 * PAGE, 6, 0),
+            ],
+        )]);
+        let l = SharedLayout::new(&inv);
+        let mut private = Vec::new();
+        let mut names = HashMap::new();
+        // From two pages below the first area to the end of the second.
+        split_run(
+            &l,
+            3,
+            &run(0x10000 - 2 * PAGE, 20),
+            &mut private,
+            &mut names,
+        );
+        let got: Vec<(u64, u32)> = private.iter().map(|r| (r.addr, r.npages)).collect();
+        assert_eq!(got, vec![(0xe000, 2), (0x14000, 12)]);
+        assert_eq!(names[&5], vec![(8 * PAGE, 4, 3, 0x10000)]);
+        assert_eq!(names[&6], vec![(0, 2, 3, 0x20000)]);
+        let o = SharedObject {
+            file: File::open("/dev/null").unwrap(),
+            pending: PendingSet::new(&[run(8 * PAGE, 4)]),
+            names: names.remove(&5).unwrap(),
+        };
+        assert_eq!(o.name_of(10 * PAGE), Some((3, 0x12000)));
+        assert_eq!(o.name_of(12 * PAGE), None);
+        assert_eq!(o.name_of(0), None);
+    }
+
+    #[test]
+    fn object_pages_named_twice_keep_one_name() {
+        let mut n = vec![
+            (4 * PAGE, 4, 2, 0x50000),
+            (0, 6, 1, 0x10000),
+            (PAGE, 1, 3, 0x90000),
+        ];
+        tidy_names(&mut n);
+        assert_eq!(n, vec![(0, 6, 1, 0x10000), (6 * PAGE, 2, 2, 0x52000)]);
     }
 
     #[test]

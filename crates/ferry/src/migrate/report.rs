@@ -91,4 +91,9 @@ pub struct MigrationReport {
     /// Post-copy/hybrid: pages sent before the resume / after it.
     pub pages_before_resume: Option<u64>,
     pub pages_after_resume: Option<u64>,
+    /// Post-copy/hybrid: of the pages after the resume, those of shared
+    /// memory (each page of a shared object once), and how many of them
+    /// the job touched before they came (sent on the target's request).
+    pub shared_pages_after_resume: Option<u64>,
+    pub shared_page_requests: Option<u64>,
 }

@@ -802,6 +802,8 @@ fn precopy(
         last_page_ms: post.as_ref().map(|h| h.done.last_page_ms),
         pages_before_resume: post.as_ref().map(|h| h.before),
         pages_after_resume: post.as_ref().map(|h| h.after),
+        shared_pages_after_resume: post.as_ref().map(|h| h.shared_after),
+        shared_page_requests: post.as_ref().map(|h| h.shared_requested),
     })
 }
 

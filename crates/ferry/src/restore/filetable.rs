@@ -146,6 +146,18 @@ impl FileTable {
         self.shmem.get(&id).map(|f| f.as_raw_fd())
     }
 
+    /// A descriptor of ferry's own on every shared-memory object.
+    pub fn dup_shmem(&self) -> Result<HashMap<u64, std::sync::Arc<OwnedFd>>, RestoreError> {
+        self.shmem
+            .iter()
+            .map(|(&id, fd)| {
+                fd.try_clone()
+                    .map(|d| (id, std::sync::Arc::new(d)))
+                    .map_err(|e| step("shared memory descriptor".into(), e))
+            })
+            .collect()
+    }
+
     /// Removes recreated deleted files once every process has them open.
     pub fn unlink_temp(&mut self) {
         for f in self.temp.drain(..) {

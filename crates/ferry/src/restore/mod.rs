@@ -63,6 +63,10 @@ pub struct Report {
     /// Post-copy: each process's userfaultfd (empty otherwise).
     #[serde(skip)]
     pub spaces: Vec<postcopy::RegisteredSpace>,
+    /// Post-copy: ferry's own descriptor of every shared-memory object, by
+    /// image id, to fill their page caches (empty otherwise).
+    #[serde(skip)]
+    pub shmem: std::collections::HashMap<u64, std::sync::Arc<std::os::fd::OwnedFd>>,
 }
 
 /// Restores the image in `dir`; on success the tree runs, its root a child
@@ -88,7 +92,9 @@ pub struct Options {
     /// Post-copy: per image pid, the `[start, end)` runs of pages that are
     /// not in the page source but still on the source node. Their areas are
     /// registered with a userfaultfd made in the process (see
-    /// [`postcopy`]); the report hands the descriptors over.
+    /// [`postcopy`]); the report hands the descriptors over. Pages of
+    /// shared objects must be planned in every mapping
+    /// ([`postcopy::SharedLayout::expand`]).
     pub postcopy: Option<std::sync::Arc<PlannedPages>>,
     /// An init started ahead (see [`crate::jobinit::PreInit`]), used for an
     /// image with a pid namespace instead of starting one now.
@@ -147,6 +153,10 @@ pub fn restore_from(
     let mut stats = memory::Stats::default();
     let mut state_time = Duration::ZERO;
     let mut spaces = Vec::new();
+    let shared = match &opts.postcopy {
+        Some(_) => postcopy::SharedLayout::new(inv),
+        None => postcopy::SharedLayout::default(),
+    };
     for (st, p) in stubs.iter_mut().zip(&inv.processes) {
         if p.zombie.is_some() {
             continue;
@@ -164,7 +174,7 @@ pub fn restore_from(
         // while it is rebuilt (thread ids at clone...), and nobody serves
         // faults yet. After the files, so the reference takes a free number.
         if let Some(plan) = opts.postcopy.as_ref().and_then(|m| m.get(&p.pid)) {
-            let ranges = postcopy::areas_to_register(p, plan);
+            let ranges = postcopy::areas_to_register(p, plan, &shared);
             if !ranges.is_empty() {
                 spaces.push(postcopy::register(st, p, ranges)?);
             }
@@ -173,6 +183,10 @@ pub fn restore_from(
     }
     tracing::debug!(elapsed = ?t0.elapsed(), pages = stats.pages_data, "processes rebuilt");
     table.unlink_temp();
+    let shmem = match &opts.postcopy {
+        Some(_) => table.dup_shmem()?,
+        None => Default::default(),
+    };
     let root_pid = stubs[0].pid;
     finish_zombies(&mut stubs, inv)?;
     // Children first: a parent that runs finds its children complete.
@@ -194,6 +208,7 @@ pub fn restore_from(
         total: t0.elapsed(),
         state_time,
         spaces,
+        shmem,
     })
 }
 

@@ -47,6 +47,12 @@ pub const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
 pub const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 pub const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
 
+// `uffd_msg.arg.pagefault.flags`.
+pub const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1 << 0;
+pub const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+/// The page is in the page cache but not mapped here (MINOR mode).
+pub const UFFD_PAGEFAULT_FLAG_MINOR: u64 = 1 << 2;
+
 // Per-ioctl modes.
 pub const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1 << 0;
 pub const UFFDIO_COPY_MODE_WP: u64 = 1 << 1;
@@ -714,5 +720,153 @@ mod tests {
         // Page 0 has no page-cache page yet: CONTINUE cannot map it.
         assert!(cont(u.as_fd(), m.page(0), PG, 0).is_err());
         unregister(u.as_fd(), m.addr, m.len).unwrap();
+    }
+
+    /// Reads one fault message from a non-blocking uffd, waiting up to 5 s:
+    /// (flags, page address).
+    fn next_fault(u: &OwnedFd) -> (u64, u64) {
+        let mut pfd = [libc::pollfd {
+            fd: u.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        assert_eq!(
+            super::super::poll(&mut pfd, 5000).unwrap(),
+            1,
+            "no fault came"
+        );
+        let mut m = [0u8; 32];
+        let mut f = std::fs::File::from(u.try_clone().unwrap());
+        use std::io::Read;
+        assert_eq!(f.read(&mut m).unwrap(), 32);
+        assert_eq!(m[0], 0x12, "a page fault message");
+        let flags = u64::from_ne_bytes(m[8..16].try_into().unwrap());
+        let addr = u64::from_ne_bytes(m[16..24].try_into().unwrap());
+        (flags, addr & !(PG - 1))
+    }
+
+    /// What post-copy of shared memory relies on (KERNEL.md §4): a shmem
+    /// area registered MISSING|MINOR faults MISSING on a hole and MINOR on a
+    /// page that is in the page cache but not mapped in this area; COPY and
+    /// ZEROPAGE fill holes (and the page cache), CONTINUE maps cached pages
+    /// and fails with EFAULT on a hole; a second mapping of the same object
+    /// sees a page placed through the first one as MINOR.
+    #[test]
+    fn shmem_missing_and_minor_faults() {
+        let Some(u) = local_uffd() else { return };
+        let want = UFFD_FEATURE_MINOR_SHMEM | UFFD_FEATURE_MISSING_SHMEM;
+        let (features, _) = api(u.as_fd(), want).unwrap();
+        assert_eq!(features & want, want);
+        let fd = super::super::memfd_create("uffd-minor-missing").unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(8 * PG).unwrap();
+        let a = Map::new(8, libc::MAP_SHARED, file.as_raw_fd());
+        let b = Map::new(8, libc::MAP_SHARED, file.as_raw_fd());
+        let mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR;
+        for m in [&a, &b] {
+            let ioctls = register(u.as_fd(), m.addr, m.len, mode).unwrap();
+            for bit in [IOCTL_COPY_BIT, IOCTL_ZEROPAGE_BIT, IOCTL_CONTINUE_BIT] {
+                assert_ne!(ioctls & bit, 0, "ioctls {ioctls:#x}");
+            }
+        }
+        let pm = pagemap_self();
+        let page: Vec<u8> = (0..PG).map(|i| (i % 253) as u8).collect();
+        let mut got = vec![0u8; PG as usize];
+        // A hole: COPY fills the page cache and maps it in `a` only.
+        copy(u.as_fd(), a.page(0), &page, 0).unwrap();
+        file.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(got, page);
+        assert!(present(&pm, a.page(0)) && !present(&pm, b.page(0)));
+        // In the cache now: COPY through the other view is EEXIST, CONTINUE maps it.
+        let e = copy(u.as_fd(), b.page(0), &page, 0).unwrap_err();
+        assert_eq!(e.error.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(cont(u.as_fd(), b.page(0), PG, 0).unwrap(), PG);
+        assert_eq!(b.peek(PG - 1), ((PG - 1) % 253) as u8);
+        let e = cont(u.as_fd(), b.page(0), PG, 0).unwrap_err();
+        assert_eq!(e.error.raw_os_error(), Some(libc::EEXIST), "mapped already");
+        // CONTINUE on a hole.
+        let e = cont(u.as_fd(), a.page(1), PG, 0).unwrap_err();
+        assert_eq!(e.error.raw_os_error(), Some(libc::EFAULT), "hole: {e}");
+        // ZEROPAGE on a hole allocates a (zeroed) page-cache page.
+        assert_eq!(zeropage(u.as_fd(), a.page(1), PG, 0).unwrap(), PG);
+        assert_eq!(cont(u.as_fd(), b.page(1), PG, 0).unwrap(), PG);
+        assert_eq!(b.peek(PG + 5), 0);
+        // A page written into the cache through the file (as the pager
+        // does): no fault needed to place it, CONTINUE maps it in both.
+        file.write_all_at(&page, 2 * PG).unwrap();
+        // Page 3 is still a hole: CONTINUE maps page 2 and stops there. A
+        // partial result is reported as EAGAIN whatever stopped it; the
+        // rest, retried, gives the reason.
+        let e = cont(u.as_fd(), a.page(2), 2 * PG, 0).unwrap_err();
+        assert_eq!((e.error.raw_os_error(), e.done), (Some(libc::EAGAIN), PG));
+        let e = cont(u.as_fd(), a.page(3), PG, 0).unwrap_err();
+        assert_eq!((e.error.raw_os_error(), e.done), (Some(libc::EFAULT), 0));
+        assert_eq!(cont(u.as_fd(), b.page(2), PG, 0).unwrap(), PG);
+        assert_eq!(a.peek(2 * PG + 9), 9);
+        // Real faults: a hole is MISSING, a cached page MINOR; the flags
+        // word says which.
+        let addr_hole = a.page(4);
+        file.write_all_at(&page, 5 * PG).unwrap();
+        let (pa, pb) = (a.page(4), b.page(5));
+        let t = std::thread::spawn(move || {
+            // SAFETY: both pages lie in live shared mappings owned by the
+            // test, which outlive this thread (joined below).
+            unsafe {
+                let x = std::ptr::read_volatile((pa + 3) as *const u8);
+                let y = std::ptr::read_volatile((pb + 3) as *const u8);
+                (x, y)
+            }
+        });
+        let (flags, addr) = next_fault(&u);
+        assert_eq!(addr, addr_hole);
+        assert_eq!(
+            flags & UFFD_PAGEFAULT_FLAG_MINOR,
+            0,
+            "a hole faults MISSING"
+        );
+        copy(u.as_fd(), addr, &page, 0).unwrap();
+        let (flags, addr) = next_fault(&u);
+        assert_eq!(addr, pb);
+        assert_ne!(
+            flags & UFFD_PAGEFAULT_FLAG_MINOR,
+            0,
+            "a cached page faults MINOR"
+        );
+        // MINOR fault answered by writing the cache again and CONTINUE.
+        cont(u.as_fd(), addr, PG, 0).unwrap();
+        assert_eq!(t.join().unwrap(), (3, 3));
+        // A MISSING fault whose page reached the cache meanwhile (through
+        // the file): COPY is EEXIST, CONTINUE maps it and wakes the thread.
+        let pc = a.page(6);
+        let t = std::thread::spawn(move || {
+            // SAFETY: as above.
+            unsafe { std::ptr::read_volatile((pc + 4) as *const u8) }
+        });
+        let (flags, addr) = next_fault(&u);
+        assert_eq!((flags & UFFD_PAGEFAULT_FLAG_MINOR, addr), (0, pc));
+        file.write_all_at(&page, 6 * PG).unwrap();
+        let e = copy(u.as_fd(), pc, &page, 0).unwrap_err();
+        assert_eq!(e.error.raw_os_error(), Some(libc::EEXIST));
+        cont(u.as_fd(), pc, PG, 0).unwrap();
+        assert_eq!(t.join().unwrap(), 4);
+        // DONTNEED on a shared mapping drops the mapping, not the data: the
+        // next touch faults MINOR.
+        // SAFETY: a range of our own live mapping.
+        assert_eq!(
+            unsafe { libc::madvise(pc as *mut libc::c_void, PG as usize, libc::MADV_DONTNEED) },
+            0
+        );
+        assert!(!present(&pm, pc));
+        let t = std::thread::spawn(move || {
+            // SAFETY: as above.
+            unsafe { std::ptr::read_volatile((pc + 5) as *const u8) }
+        });
+        let (flags, addr) = next_fault(&u);
+        assert_eq!(addr, pc);
+        assert_ne!(flags & UFFD_PAGEFAULT_FLAG_MINOR, 0);
+        cont(u.as_fd(), pc, PG, 0).unwrap();
+        assert_eq!(t.join().unwrap(), 5);
+        unregister(u.as_fd(), a.addr, a.len).unwrap();
+        unregister(u.as_fd(), b.addr, b.len).unwrap();
     }
 }

@@ -5,13 +5,19 @@
 //! kept until the target says every page is in place.
 //!
 //! Sent before the resume ("eager"): pages the target cannot leave missing
-//! (those of file-backed and shared areas: userfaultfd MISSING mode takes
-//! private anonymous memory only — KERNEL.md §4) and the pages each thread
-//! touches first (around its stack pointer and instruction pointer).
+//! (private file pages the job changed: userfaultfd cannot hold back a
+//! private file mapping — KERNEL.md §4 — and shared memory the job can
+//! reach through a descriptor, which read(2) would see as a hole) and the
+//! pages each thread touches first (around its stack pointer and
+//! instruction pointer). Shared memory reached through mappings only goes
+//! after the resume, each page of an object once, under the first process
+//! and address found mapping it (restore::postcopy).
 
 use super::*;
 use crate::image::{ProcessImage, VmaKind};
+use crate::restore::postcopy::SharedLayout;
 use crate::wire::messages::{PlanRun, PostcopyDone, PostcopyPlan, MAX_PLAN_RUNS};
+use std::collections::HashMap;
 
 /// Pages below / above a thread's stack pointer sent before the resume.
 const STACK_BELOW: u64 = 1;
@@ -28,6 +34,10 @@ pub(super) struct Handoff {
     pub done: PostcopyDone,
     pub before: u64,
     pub after: u64,
+    /// Of `after`: pages of shared objects, and how many of those the
+    /// target asked for (the job touched them before they came).
+    pub shared_after: u64,
+    pub shared_requested: u64,
 }
 
 /// What is left of one process after the resume.
@@ -38,6 +48,46 @@ struct Rest {
     sent: Vec<bool>,
     cursor: usize,
     left: usize,
+    /// The process's areas of lazy shared objects, sorted.
+    shared: Vec<(u64, u64)>,
+}
+
+impl Rest {
+    fn is_shared(&self, addr: u64) -> bool {
+        let i = self.shared.partition_point(|&(s, _)| s <= addr);
+        i > 0 && addr < self.shared[i - 1].1
+    }
+}
+
+/// Which pages of each shared object are planned already (one bit per
+/// page of the object).
+#[derive(Default)]
+struct SharedSeen(HashMap<u64, Vec<u64>>);
+
+impl SharedSeen {
+    /// Marks page `off` of object `id` (of at least `size` bytes); whether
+    /// it was new.
+    fn first(&mut self, id: u64, size: u64, off: u64) -> bool {
+        let bits = self.0.entry(id).or_default();
+        let k = (off / PAGE) as usize;
+        let words = (size / PAGE).div_ceil(64).max(k as u64 / 64 + 1) as usize;
+        if bits.len() < words {
+            bits.resize(words, 0);
+        }
+        let (w, b) = (k / 64, 1u64 << (k % 64));
+        let new = bits[w] & b == 0;
+        bits[w] |= b;
+        new
+    }
+}
+
+/// What the plan holds of one process, until the resume.
+struct Planned {
+    pid: i32,
+    vpid: i32,
+    runs: Vec<PlanRun>,
+    /// Its shared areas `[start, end)`.
+    shared: Vec<(u64, u64)>,
 }
 
 enum FromTarget {
@@ -175,8 +225,11 @@ pub(super) fn handoff(
     // Split into what goes now and what is planned.
     let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
     let mut plans = Vec::new();
-    let mut planned: Vec<(i32, i32, Vec<PlanRun>)> = Vec::new();
+    let mut planned: Vec<Planned> = Vec::new();
     let mut before = 0u64;
+    let mut shared_after = 0u64;
+    let layout = SharedLayout::new(&inv);
+    let mut seen = SharedSeen::default();
     for Left {
         pid,
         vpid,
@@ -188,8 +241,21 @@ pub(super) fn handoff(
             continue;
         };
         let hot = hot_windows(p);
-        let (mut now, later): (Vec<u64>, Vec<u64>) =
-            pages.into_iter().partition(|&a| eager(p, &hot, a));
+        let mut now = Vec::new();
+        let mut later = Vec::new();
+        for a in pages {
+            match layout.area(vpid, a) {
+                // Another mapping of the page was planned already.
+                Some(ar) => {
+                    if seen.first(ar.id, ar.offset + (ar.end - ar.start), ar.offset_of(a)) {
+                        later.push(a);
+                        shared_after += 1;
+                    }
+                }
+                None if eager(p, &hot, a) => now.push(a),
+                None => later.push(a),
+            }
+        }
         // Whole areas: their hot parts go now, the rest is planned as is.
         let (hot_parts, cold_parts) = carve(&areas, &hot);
         if !hot_parts.is_empty() {
@@ -208,7 +274,17 @@ pub(super) fn handoff(
                     runs: chunk.to_vec(),
                 });
             }
-            planned.push((pid, vpid, runs));
+            let shared = layout
+                .areas(vpid)
+                .iter()
+                .map(|a| (a.start, a.end))
+                .collect();
+            planned.push(Planned {
+                pid,
+                vpid,
+                runs,
+                shared,
+            });
         }
     }
     end_frozen_round(links, rounds, round, wire_round, before, t_freeze)?;
@@ -220,20 +296,28 @@ pub(super) fn handoff(
     check_reused_flags(tree, tracked);
     let rest: Vec<Rest> = planned
         .into_iter()
-        .map(|(pid, vpid, runs)| {
-            let pages: Vec<u64> = runs
-                .iter()
-                .flat_map(|r| (0..r.npages as u64).map(move |k| r.addr + k * PAGE))
-                .collect();
-            Rest {
-                pid,
-                vpid,
-                sent: vec![false; pages.len()],
-                left: pages.len(),
-                pages,
-                cursor: 0,
-            }
-        })
+        .map(
+            |Planned {
+                 pid,
+                 vpid,
+                 runs,
+                 shared,
+             }| {
+                let pages: Vec<u64> = runs
+                    .iter()
+                    .flat_map(|r| (0..r.npages as u64).map(move |k| r.addr + k * PAGE))
+                    .collect();
+                Rest {
+                    pid,
+                    vpid,
+                    sent: vec![false; pages.len()],
+                    left: pages.len(),
+                    pages,
+                    cursor: 0,
+                    shared,
+                }
+            },
+        )
         .collect();
     let after: u64 = rest.iter().map(|r| r.pages.len() as u64).sum();
     progress(&Progress {
@@ -244,7 +328,7 @@ pub(super) fn handoff(
         estimated_downtime: Duration::ZERO,
         phase: "post-copy",
     });
-    let done = stream_rest(links, rest, wire_round + 1, cancel)?;
+    let (done, shared_requested) = stream_rest(links, rest, wire_round + 1, cancel)?;
     links.send_msg(&Message::Ack)?;
     Ok(Handoff {
         handed,
@@ -252,17 +336,21 @@ pub(super) fn handoff(
         done,
         before,
         after,
+        shared_after,
+        shared_requested,
     })
 }
 
 /// The post-copy phase: background pages in address order from where the
 /// job last faulted, requested pages first, until the target is done.
+/// Also returns how many shared pages were sent on request.
 fn stream_rest(
     links: &mut Links,
     mut rest: Vec<Rest>,
     round: u32,
     cancel: &AtomicBool,
-) -> Result<PostcopyDone, MigrateError> {
+) -> Result<(PostcopyDone, u64), MigrateError> {
+    let mut shared_requested = 0u64;
     let sock = links
         .r
         .get_ref()
@@ -342,6 +430,9 @@ fn stream_rest(
                                 r.left -= 1;
                                 total -= 1;
                                 chunk.push(a);
+                                if r.is_shared(a) {
+                                    shared_requested += 1;
+                                }
                             }
                             if k == 0 {
                                 // The background continues from here.
@@ -355,7 +446,7 @@ fn stream_rest(
                         links.main.end_round()?;
                     }
                 }
-                FromTarget::Done(d) => return Ok(d),
+                FromTarget::Done(d) => return Ok((d, shared_requested)),
                 FromTarget::Lost(why) => return Err(lost(why)),
             }
         }
@@ -447,6 +538,18 @@ mod tests {
         let m = merge_runs(runs, &[(0x10 * p, 0x14 * p)]);
         let got: Vec<(u64, u32)> = m.iter().map(|r| (r.addr, r.npages)).collect();
         assert_eq!(got, vec![(0x5 * p, 2), (0x10 * p, 4), (0x50 * p, 1)]);
+    }
+
+    #[test]
+    fn each_shared_page_is_planned_once() {
+        let mut seen = SharedSeen::default();
+        assert!(seen.first(1, 4 * PAGE, 0));
+        assert!(seen.first(1, 4 * PAGE, 3 * PAGE));
+        assert!(!seen.first(1, 4 * PAGE, 0));
+        assert!(seen.first(2, 4 * PAGE, 0));
+        // Beyond the size given first (a larger mapping seen later).
+        assert!(seen.first(1, 4 * PAGE, 200 * PAGE));
+        assert!(!seen.first(1, 4 * PAGE, 200 * PAGE));
     }
 
     #[test]
