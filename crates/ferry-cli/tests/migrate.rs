@@ -991,6 +991,26 @@ fn controller_stop_copy() {
     );
 }
 
+/// Pre-copy restores lazily by default (the job resumes before its
+/// private memory is copied into place, then is filled from the pages the
+/// agent holds) and eagerly with --eager-restore; both PASS on B.
+#[test]
+fn restore_lazy_by_default_eager_on_request() {
+    let Some(mut fx) = Fixture::new() else { return };
+    let rep = live_migrate(&mut fx, &wl("threads", &[], SECS), &[], 1);
+    assert_eq!(
+        rep.json["lazy_restore"], true,
+        "pre-copy should restore lazily by default: {}",
+        rep.json
+    );
+    let rep = live_migrate(&mut fx, &MEM8, &["--eager-restore"], 1);
+    assert_eq!(
+        rep.json["lazy_restore"], false,
+        "--eager-restore: {}",
+        rep.json
+    );
+}
+
 /// The KVM rule with a 50 ms target. mem resends all its memory every
 /// round, so on a slow (debug) build the estimate never drops below 50 ms
 /// and only the round cap ends the live phase: --max-iterations 4 keeps
