@@ -144,18 +144,16 @@ impl Links {
     }
 
     fn send_msg(&mut self, m: &Message) -> Result<(), MigrateError> {
-        self.main.w.send(m)?;
-        self.main.w.flush()?;
-        Ok(())
+        self.main.send_msg(m)
     }
 
     /// Closes the streams and sums every connection's statistics.
     fn finish(mut self) -> (WireStats, u64) {
-        let mut stats = *self.main.stats();
-        let mut bytes = self.main.w.counters().1;
-        if let Some(bg) = &self.bg {
-            stats += bg.stats();
-            bytes += bg.w.counters().1;
+        let mut stats = self.main.stats();
+        let mut bytes = self.main.bytes_written();
+        if let Some(bg) = &mut self.bg {
+            stats += &bg.stats();
+            bytes += bg.bytes_written();
         }
         for s in &mut self.streams {
             let (tx, _) = mpsc::channel::<Cmd>();
@@ -578,7 +576,7 @@ fn precopy(
         let round_start = Instant::now();
         let mut pages_sent = 0u64;
         let mut resent = 0u64;
-        let bytes_before = links.main.w.counters().1;
+        let bytes_before = links.main.bytes_written();
         let send_t = Instant::now();
         for t in tracked.iter_mut() {
             let pages = std::mem::take(&mut t.pending);
@@ -594,7 +592,7 @@ fn precopy(
         // Stream threads' bytes are not in the main counter: estimate the
         // round's bytes from the pages when streams carry them.
         let bytes = if links.n == 0 {
-            links.main.w.counters().1 - bytes_before
+            links.main.bytes_written() - bytes_before
         } else {
             pages_sent * PAGE
         };
@@ -773,20 +771,31 @@ fn precopy(
 
 /// With the tree frozen: the last harvest of `t`, then tracking off
 /// (restore must not see uffd state); `t.pending` becomes every page the
-/// target still lacks.
-fn final_harvest(t: &mut Tracked, ranges: &mut Vec<DirtyRange>) -> Result<(), MigrateError> {
+/// target still lacks. With `defer_stop`, tracking may stay on for the
+/// caller to stop (returns false then).
+fn final_harvest(
+    t: &mut Tracked,
+    ranges: &mut Vec<DirtyRange>,
+    defer_stop: bool,
+) -> Result<bool, MigrateError> {
     let areas = track::read_areas(t.pid)?;
     t.tracker.harvest(&areas, ranges)?;
     expand(ranges, &mut t.pending);
-    t.tracker.stop()?;
-    // After stop: tracking markers no longer look like swapped pages.
-    shmem_pages(t.pid, &mut t.pending)?;
+    // Shared memory is found in pagemap, where tracking markers look like
+    // swapped pages until tracking stops. Without any, the stop (a pass
+    // over every tracked page table: ~0.1 s per GiB) can overlap sending.
+    let shmem = areas.iter().any(|a| a.kind == track::AreaKind::Shmem);
+    let stopped = !defer_stop || shmem;
+    if stopped {
+        t.tracker.stop()?;
+        shmem_pages(t.pid, &mut t.pending)?;
+    }
     // Merges three sources: the round the controller stopped before
     // sending, this harvest, and the shared memory.
     t.pending.sort_unstable();
     t.pending.dedup();
     drop_unsendable(&areas, &mut t.pending);
-    Ok(())
+    Ok(stopped)
 }
 
 /// Ends the frozen round: flushes every connection, announces the round
@@ -894,17 +903,19 @@ struct Left {
 }
 
 /// With the tree frozen: every page the target still lacks. Tracked
-/// processes get their last harvest (tracking off); processes born during
-/// the live phase were never tracked, so all of theirs.
+/// processes get their last harvest (tracking off, unless `defer_stop`
+/// lets it wait for [`stop_tracking`]); processes born during the live
+/// phase were never tracked, so all of theirs.
 fn remaining_pages(
     tree: &FrozenTree,
     tracked: &mut [Tracked],
     resent_total: &mut u64,
+    defer_stop: bool,
 ) -> Result<Vec<Left>, MigrateError> {
     let mut left = Vec::new();
     let mut ranges = Vec::new();
     for t in tracked.iter_mut().filter(|t| !t.gone && tree.runs(t.pid)) {
-        final_harvest(t, &mut ranges)?;
+        final_harvest(t, &mut ranges, defer_stop)?;
         *resent_total += count_common(&t.last_sent, &t.pending);
         left.push(Left {
             pid: t.pid,
@@ -926,6 +937,15 @@ fn remaining_pages(
         });
     }
     Ok(left)
+}
+
+/// Stops every tracker [`remaining_pages`] left running (a no-op for the
+/// others).
+fn stop_tracking(tracked: &mut [Tracked]) -> Result<(), MigrateError> {
+    for t in tracked.iter_mut().filter(|t| !t.gone) {
+        t.tracker.stop()?;
+    }
+    Ok(())
 }
 
 /// The frozen tree's state with its areas (their page runs are built by
@@ -1004,13 +1024,35 @@ fn stop_and_copy(f: Final) -> Result<Handed, MigrateError> {
         resent_total,
         t_freeze,
     } = f;
-    let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
-    let mut pages_sent = 0u64;
-    for l in remaining_pages(tree, tracked, resent_total)? {
-        pages_sent += l.pages.len() as u64;
-        links.send(l.pid, l.vpid, wire_round, &l.pages, &mut split)?;
-    }
-    let inv = capture_frozen(tree, work)?;
+    let left = remaining_pages(tree, tracked, resent_total, true)?;
+    let pages_sent: u64 = left.iter().map(|l| l.pages.len() as u64).sum();
+    // The pages stream from another thread while this one, the tracer
+    // (ptrace works only from it), stops tracking and captures the state:
+    // with the tree frozen the two are independent.
+    let (sent, inv) = std::thread::scope(|s| {
+        let links = &mut *links;
+        let pages = std::thread::Builder::new()
+            .name("ferry-pages".into())
+            .spawn_scoped(s, move || -> Result<(), MigrateError> {
+                let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
+                for l in &left {
+                    links.send(l.pid, l.vpid, wire_round, &l.pages, &mut split)?;
+                }
+                Ok(())
+            });
+        let inv = stop_tracking(tracked).and_then(|()| capture_frozen(tree, work));
+        let sent = match pages {
+            Ok(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(MigrateError::Internal("the page thread panicked".into()))),
+            Err(e) => Err(MigrateError::Internal(format!(
+                "cannot start the page thread: {e}"
+            ))),
+        };
+        (sent, inv)
+    });
+    sent?;
+    let inv = inv?;
     let n = counts(&inv);
     end_frozen_round(links, rounds, round, wire_round, pages_sent, t_freeze)?;
     commit(links, work, inv, Vec::new())?;

@@ -124,7 +124,7 @@ pub(super) fn handoff(
         t_freeze,
     } = f;
     // What the target does not have yet: as a stop-and-copy would send it.
-    let left = remaining_pages(tree, tracked, resent_total)?;
+    let left = remaining_pages(tree, tracked, resent_total, false)?;
     let inv = capture_frozen(tree, work)?;
     let n = counts(&inv);
     // Split into what goes now and what is planned.
