@@ -223,12 +223,18 @@ fn serve_main(
         init: Arc::new(Mutex::new(None)),
     });
     let mut id: Option<SessionId> = None;
-    let mut frame = Some(first);
+    let mut first = Some(first);
     let result = loop {
-        let f = match frame.take() {
-            Some(f) => f,
+        // Frames are handled where the reader holds them: page batches are
+        // most of the bytes, and copying each out cost a pass over them.
+        let owned;
+        let f = match first.take() {
+            Some(f) => {
+                owned = f;
+                owned.as_frame()
+            }
             None => match r.read_frame() {
-                Ok(f) => f.to_owned(),
+                Ok(f) => f,
                 Err(e) => {
                     let ev = lock(&sess.rx).on_main_closed();
                     tracing::info!("source connection closed ({e}): {ev:?}");
@@ -236,7 +242,17 @@ fn serve_main(
                 }
             },
         };
-        let a = lock(&sess.rx).on_frame(&f.as_frame());
+        let a = {
+            let mut rx = lock(&sess.rx);
+            let was_started = rx.start_info().is_some();
+            let a = rx.on_frame(&f);
+            if !was_started {
+                if let Some(n) = rx.start_info().map(|s| s.total_pages) {
+                    rx.sink_mut().0.expect(n);
+                }
+            }
+            a
+        };
         let a = match a {
             Ok(a) => a,
             Err(e) => {
@@ -317,7 +333,7 @@ fn serve_stream(
     let mut decoder: Option<wire::BatchDecoder> = None;
     loop {
         let f = match r.read_frame() {
-            Ok(f) => f.to_owned(),
+            Ok(f) => f,
             Err(_) if lock(&sess.postcopy).is_some() => return Ok(()),
             Err(_) => {
                 let a = lock(&sess.rx).on_stream_closed(idx);
@@ -340,7 +356,7 @@ fn serve_stream(
                 Some(d) => d,
                 None => decoder.insert(wire::BatchDecoder::new()?),
             };
-            match postcopy::decode_batch(d, f.payload) {
+            match postcopy::decode_batch(d, f.payload.to_vec()) {
                 Ok(a) => inbox.send(postcopy::Input::Pages(a)),
                 Err(e) => {
                     inbox.send(postcopy::Input::Lost(format!("bad page batch: {e}")));
@@ -349,7 +365,7 @@ fn serve_stream(
             }
             continue;
         }
-        let a = lock(&sess.rx).on_stream_frame(idx, &f.as_frame());
+        let a = lock(&sess.rx).on_stream_frame(idx, &f);
         let a = match a {
             Ok(a) => a,
             Err(e) => {

@@ -12,7 +12,8 @@
 
 use super::mempages::MemPages;
 use super::postcopy::{Arrival, Inbox, Input, Item};
-use crate::image::{PageKind, ProcessImage, VmaKind};
+use crate::image::{PageKind, PageRun, ProcessImage, VmaKind};
+use crate::restore::postcopy::first_touched;
 use crate::restore::PlannedPages;
 use crate::sys::PAGE_SIZE;
 use crate::wire::messages::{PageRequest, PlanRun, PostcopyPlan};
@@ -24,32 +25,59 @@ const PAGE: u64 = PAGE_SIZE as u64;
 
 /// Takes the data runs of the private anonymous areas out of `processes`
 /// (so the restore leaves those pages missing) and returns them as planned
-/// pages, per image pid.
+/// pages, per image pid. Pages the threads and the restore touch first
+/// (restore::postcopy::first_touched) stay with the restore.
 pub fn plan(processes: &mut [ProcessImage]) -> PlannedPages {
     let mut planned = PlannedPages::new();
     for p in processes.iter_mut() {
+        let hot = first_touched(p);
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         for v in p.vmas.iter_mut() {
             if v.shared || !matches!(v.kind, VmaKind::Anon { .. }) {
                 continue;
             }
-            v.pages.retain(|r| {
-                if !matches!(r.kind, PageKind::Data { .. }) {
-                    return true;
-                }
+            let mut keep = Vec::with_capacity(v.pages.len());
+            for r in v.pages.drain(..) {
+                let PageKind::Data { offset, .. } = r.kind else {
+                    keep.push(r);
+                    continue;
+                };
                 let (s, e) = (r.addr, r.addr + r.npages as u64 * PAGE);
-                match ranges.last_mut() {
-                    Some(last) if last.1 == s => last.1 = e,
-                    _ => ranges.push((s, e)),
+                let mut pos = s;
+                let first = hot.partition_point(|&(_, he)| he <= s);
+                for &(hs, he) in hot[first..].iter().take_while(|&&(hs, _)| hs < e) {
+                    let (a, b) = (hs.max(s), he.min(e));
+                    if pos < a {
+                        push_range(&mut ranges, pos, a);
+                    }
+                    keep.push(PageRun {
+                        addr: a,
+                        npages: ((b - a) / PAGE) as u32,
+                        kind: PageKind::Data {
+                            offset: offset + (a - s),
+                            crc: 0,
+                        },
+                    });
+                    pos = b;
                 }
-                false
-            });
+                if pos < e {
+                    push_range(&mut ranges, pos, e);
+                }
+            }
+            v.pages = keep;
         }
         if !ranges.is_empty() {
             planned.insert(p.pid, ranges);
         }
     }
     planned
+}
+
+fn push_range(ranges: &mut Vec<(u64, u64)>, s: u64, e: u64) {
+    match ranges.last_mut() {
+        Some(last) if last.1 == s => last.1 = e,
+        _ => ranges.push((s, e)),
+    }
 }
 
 /// The planned pages as the pager's plans.
@@ -186,7 +214,7 @@ fn serve_requests(
 mod tests {
     use super::*;
     use crate::image::tests_support::process;
-    use crate::image::{Advice, PageRun, Vma};
+    use crate::image::{Advice, Vma};
 
     fn vma(start: u64, end: u64, kind: VmaKind, shared: bool, pages: Vec<PageRun>) -> Vma {
         Vma {

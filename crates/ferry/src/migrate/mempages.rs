@@ -8,8 +8,11 @@
 
 use crate::image::{PageKind, PageRun, ProcessImage};
 use crate::restore::{PageSink, PageSource, RestoreError};
-use crate::sys::PAGE_SIZE;
+use crate::sys::{self, PAGE_SIZE};
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::mpsc;
 
 const PAGE: u64 = PAGE_SIZE as u64;
 /// Arena chunk: 64 MiB; runs never cross a chunk.
@@ -29,30 +32,109 @@ impl Slot {
     }
 }
 
+/// Hashes page addresses (and pids) with one multiplication: every page
+/// received goes through the index, and SipHash's resistance to chosen
+/// keys buys nothing here (a peer that could choose colliding addresses
+/// could as well send that many pages).
 #[derive(Default)]
-struct ProcPages {
-    index: HashMap<u64, Slot>,
+struct PageHasher(u64);
+
+impl Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        // Fibonacci hashing: the low bits (bucket) of consecutive page
+        // numbers stay distinct, the high bits (hashbrown's tag) are mixed.
+        self.0 = (self.0.rotate_left(5) ^ v.rotate_right(12)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn write_i32(&mut self, v: i32) {
+        self.write_u64(u64::from(v as u32) << 12);
+    }
 }
 
-/// Received pages of every process of a migrating tree.
+type Fast = BuildHasherDefault<PageHasher>;
+
 #[derive(Default)]
-pub struct MemPages {
-    procs: HashMap<i32, ProcPages>,
+struct ProcPages {
+    index: HashMap<u64, Slot, Fast>,
+}
+
+/// Page-sized slots in 64 MiB chunks backed by transparent huge pages: a
+/// fresh chunk then costs one fault per 2 MiB as it fills, not one per
+/// page. Touching fresh memory is still the receiver's largest cost (in a
+/// VM that hands freed memory back to its host, 0.15 to over 2 s per GiB),
+/// so for a large migration a helper thread populates the next chunks
+/// while pages arrive; it stays at most [`AHEAD`] chunks ahead of use.
+#[derive(Default)]
+struct Arena {
     chunks: Vec<Vec<u8>>,
     /// Bytes used in the last chunk.
     used: usize,
-    pub pages_zero: u64,
-    pub pages_data: u64,
+    /// Chunks populated in advance, while the helper owes some.
+    ready: Option<mpsc::Receiver<Vec<u8>>>,
 }
 
-impl MemPages {
-    pub fn new() -> Self {
-        Self::default()
+/// Populated chunks the helper may hold besides the one it works on.
+const AHEAD: usize = 1;
+
+fn new_chunk() -> Vec<u8> {
+    let mut c = vec![0u8; CHUNK];
+    // Advice only: without THP the chunk works, just slower.
+    if let Err(e) = sys::madvise::hugepage(&mut c) {
+        tracing::debug!("MADV_HUGEPAGE on a page arena chunk: {e}");
+    }
+    c
+}
+
+impl Arena {
+    /// Starts populating chunks for about `bytes` of page data. Only whole
+    /// chunks are prepared, so a small migration commits no memory it
+    /// does not fill.
+    fn expect(&mut self, bytes: u64) {
+        let n = (bytes / CHUNK as u64).saturating_sub(self.chunks.len() as u64);
+        if n == 0 || self.ready.is_some() {
+            return;
+        }
+        let (tx, rx) = mpsc::sync_channel(AHEAD);
+        let spawned = std::thread::Builder::new()
+            .name("ferry-arena".into())
+            .spawn(move || {
+                for _ in 0..n {
+                    let mut c = new_chunk();
+                    if let Err(e) = sys::madvise::populate_write(&mut c) {
+                        tracing::debug!("MADV_POPULATE_WRITE on a page arena chunk: {e}");
+                    }
+                    // The session ended (or took what it needed).
+                    if tx.send(c).is_err() {
+                        break;
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => self.ready = Some(rx),
+            Err(e) => tracing::debug!("no arena helper thread: {e}"),
+        }
     }
 
     fn alloc(&mut self) -> u64 {
         if self.chunks.is_empty() || self.used + PAGE_SIZE > CHUNK {
-            self.chunks.push(vec![0u8; CHUNK]);
+            // Waiting for the helper's chunk costs no more than preparing
+            // one here: it is already under way.
+            let c = match self.ready.as_ref().map(|r| r.recv()) {
+                Some(Ok(c)) => c,
+                Some(Err(_)) => {
+                    self.ready = None;
+                    new_chunk()
+                }
+                None => new_chunk(),
+            };
+            self.chunks.push(c);
             self.used = 0;
         }
         let at = (self.chunks.len() - 1) * CHUNK + self.used;
@@ -65,27 +147,67 @@ impl MemPages {
         &mut self.chunks[c][o..o + PAGE_SIZE]
     }
 
+    fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
+        let (c, o) = ((offset as usize) / CHUNK, (offset as usize) % CHUNK);
+        self.chunks.get(c)?.get(o..o + len)
+    }
+}
+
+/// Received pages of every process of a migrating tree.
+#[derive(Default)]
+pub struct MemPages {
+    procs: HashMap<i32, ProcPages, Fast>,
+    arena: Arena,
+    pub pages_zero: u64,
+    pub pages_data: u64,
+}
+
+impl MemPages {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The source announced about `pages` pages: prepare memory for them
+    /// ahead of their arrival.
+    pub fn expect(&mut self, pages: u64) {
+        self.arena.expect(pages.saturating_mul(PAGE));
+    }
+
     /// Stores one page of `pid` at `addr` received in `round`; `data` None
     /// means a zero page.
     pub fn put(&mut self, pid: i32, addr: u64, round: u32, data: Option<&[u8]>) {
-        let prev = self.procs.entry(pid).or_default().index.get(&addr).copied();
-        if prev.is_some_and(|s| s.round() > round) {
-            return;
-        }
-        let slot = match (data, prev) {
-            (None, _) => Slot::Zero { round },
-            (Some(d), Some(Slot::Data { at, .. })) => {
-                self.slice_mut(at).copy_from_slice(&d[..PAGE_SIZE]);
-                Slot::Data { at, round }
+        let index = &mut self.procs.entry(pid).or_default().index;
+        match index.entry(addr) {
+            Entry::Occupied(mut o) => {
+                let prev = *o.get();
+                if prev.round() > round {
+                    return;
+                }
+                let slot = match (data, prev) {
+                    (None, _) => Slot::Zero { round },
+                    (Some(d), Slot::Data { at, .. }) => {
+                        self.arena.slice_mut(at).copy_from_slice(&d[..PAGE_SIZE]);
+                        Slot::Data { at, round }
+                    }
+                    (Some(d), Slot::Zero { .. }) => {
+                        let at = self.arena.alloc();
+                        self.arena.slice_mut(at).copy_from_slice(&d[..PAGE_SIZE]);
+                        Slot::Data { at, round }
+                    }
+                };
+                o.insert(slot);
             }
-            (Some(d), _) => {
-                let at = self.alloc();
-                self.slice_mut(at).copy_from_slice(&d[..PAGE_SIZE]);
-                Slot::Data { at, round }
+            Entry::Vacant(v) => {
+                let slot = match data {
+                    None => Slot::Zero { round },
+                    Some(d) => {
+                        let at = self.arena.alloc();
+                        self.arena.slice_mut(at).copy_from_slice(&d[..PAGE_SIZE]);
+                        Slot::Data { at, round }
+                    }
+                };
+                v.insert(slot);
             }
-        };
-        if let Some(p) = self.procs.get_mut(&pid) {
-            p.index.insert(addr, slot);
         }
     }
 
@@ -178,7 +300,7 @@ impl MemPages {
     /// list per arena chunk in arena order: how a lazy restore hands the
     /// chunks over whole.
     pub fn data_by_chunk(&self) -> Vec<Vec<(i32, u64, usize)>> {
-        let mut out = vec![Vec::new(); self.chunks.len()];
+        let mut out = vec![Vec::new(); self.arena.chunks.len()];
         for (&pid, pp) in &self.procs {
             for (&addr, slot) in &pp.index {
                 if let Slot::Data { at, .. } = *slot {
@@ -195,7 +317,10 @@ impl MemPages {
 
     /// Takes arena chunk `c` out; its pages can no longer be read here.
     pub fn take_chunk(&mut self, c: usize) -> Vec<u8> {
-        self.chunks
+        // Nothing more arrives: chunks prepared ahead are not needed.
+        self.arena.ready = None;
+        self.arena
+            .chunks
             .get_mut(c)
             .map(std::mem::take)
             .unwrap_or_default()
@@ -211,8 +336,7 @@ impl MemPages {
     }
 
     fn bytes(&self, offset: u64, len: usize) -> Option<&[u8]> {
-        let (c, o) = ((offset as usize) / CHUNK, (offset as usize) % CHUNK);
-        self.chunks.get(c)?.get(o..o + len)
+        self.arena.bytes(offset, len)
     }
 }
 
@@ -317,6 +441,46 @@ mod tests {
         m.build_runs(&mut p);
         let kept: Vec<(u64, u32)> = p.vmas[0].pages.iter().map(|r| (r.addr, r.npages)).collect();
         assert_eq!(kept, vec![(0x1000, 1), (0x8000, 1)]);
+    }
+
+    #[test]
+    fn prepared_chunks_hold_pages_across_a_chunk_boundary() {
+        let mut m = MemPages::new();
+        let per_chunk = (CHUNK / PAGE_SIZE) as u64;
+        // Two chunks announced: the helper prepares them ahead of use.
+        m.expect(2 * per_chunk);
+        let base = 0x10_0000_0000u64;
+        let n = per_chunk + 2;
+        let mut page = [0u8; PAGE_SIZE];
+        for k in 0..n {
+            page[..8].copy_from_slice(&k.to_le_bytes());
+            m.put(9, base + k * PAGE, 1, Some(&page));
+        }
+        // A resend overwrites in place; an older round does not.
+        page[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        m.put(9, base + (n - 1) * PAGE, 2, Some(&page));
+        m.put(9, base, 0, Some(&page));
+        assert_eq!(m.arena.chunks.len(), 2);
+        let mut p = crate::image::tests_support::process(9, vec![vma(base, base + n * PAGE)]);
+        m.build_runs(&mut p);
+        let runs = &p.vmas[0].pages;
+        // Runs never cross a chunk.
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[0].npages as u64, per_chunk);
+        let mut got = Vec::new();
+        for r in runs {
+            let PageKind::Data { offset, .. } = r.kind else {
+                panic!("data run expected")
+            };
+            let mut buf = vec![0u8; r.npages as usize * PAGE_SIZE];
+            m.read(&p, offset, 0, &mut buf).unwrap();
+            for c in buf.chunks_exact(PAGE_SIZE) {
+                got.push(u64::from_le_bytes(c[..8].try_into().unwrap()));
+            }
+        }
+        let mut want: Vec<u64> = (0..n).collect();
+        want[(n - 1) as usize] = u64::MAX;
+        assert_eq!(got, want);
     }
 
     #[test]

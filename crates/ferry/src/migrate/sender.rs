@@ -1,36 +1,51 @@
 //! Sending pages: read them from the running (or frozen) job with
 //! `process_vm_readv` straight into the batch being built (no copy of
-//! their own), compress and write them on one connection.
+//! their own), compress them, and hand finished batches to a writer
+//! thread that checksums and writes them, so reading the next batch
+//! overlaps writing the last one.
 //! With several page streams each connection has a sender thread; a page
 //! always travels on the connection `wire::stream_for` picks, so a newer
 //! copy never overtakes an older one.
 
 use super::MigrateError;
 use crate::sys::{self, RemoteRange, IOV_MAX, PAGE_SIZE};
-use crate::wire::{BatchEncoder, Compression, FrameWriter, WireStats};
+use crate::wire::{BatchEncoder, Compression, FrameWriter, Message, WireError, WireStats};
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Pages read per `process_vm_readv` (1 MiB).
 const READ_PAGES: usize = 256;
 const PAGE: u64 = PAGE_SIZE as u64;
+/// Batches in flight: one filling, one being written.
+const ENCODERS: usize = 2;
 
 pub type Conn = FrameWriter<Box<dyn Write + Send>>;
 
+/// A finished batch going to the writer thread, or coming back written.
+type Written = (BatchEncoder, Result<(), WireError>);
+
 /// Batches pages onto one connection.
 pub struct PageSender {
-    pub w: Conn,
+    /// Shared with the writer thread, which holds it for each batch;
+    /// control messages are written here only once no batch is in flight.
+    w: Arc<Mutex<Conn>>,
+    /// The batch being filled.
     enc: BatchEncoder,
+    /// Written batches back from the writer, ready for reuse.
+    spare: Vec<BatchEncoder>,
+    to_writer: Option<mpsc::SyncSender<BatchEncoder>>,
+    from_writer: mpsc::Receiver<Written>,
+    in_flight: usize,
     current: Option<(i32, u32)>,
     /// Pages of the last read that arrived (by index in the read).
     ok: Vec<bool>,
     ranges: Vec<RemoteRange>,
     mem: Option<(i32, File)>,
-    /// PageBatch frames written so far.
+    /// PageBatch frames handed to the writer so far.
     pub batches: u64,
     cancel: Arc<AtomicBool>,
 }
@@ -41,9 +56,33 @@ impl PageSender {
         compression: Compression,
         cancel: Arc<AtomicBool>,
     ) -> Result<Self, MigrateError> {
+        let w = Arc::new(Mutex::new(w));
+        let (to_writer, jobs) = mpsc::sync_channel::<BatchEncoder>(ENCODERS);
+        let (done, from_writer) = mpsc::channel::<Written>();
+        let conn = w.clone();
+        std::thread::Builder::new()
+            .name("ferry-writer".into())
+            .spawn(move || {
+                for mut enc in jobs {
+                    let r = lock(&conn).write_batch(&mut enc);
+                    let failed = r.is_err();
+                    if done.send((enc, r)).is_err() || failed {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| MigrateError::Internal(format!("cannot start a page writer: {e}")))?;
+        let mut spare = Vec::with_capacity(ENCODERS);
+        for _ in 1..ENCODERS {
+            spare.push(BatchEncoder::new(compression)?);
+        }
         Ok(Self {
             w,
             enc: BatchEncoder::new(compression)?,
+            spare,
+            to_writer: Some(to_writer),
+            from_writer,
+            in_flight: 0,
             current: None,
             ok: Vec::with_capacity(READ_PAGES),
             ranges: Vec::with_capacity(IOV_MAX),
@@ -53,15 +92,75 @@ impl PageSender {
         })
     }
 
-    pub fn stats(&self) -> &WireStats {
-        self.enc.stats()
+    /// What every batch handed over so far carried (waits for the writer).
+    pub fn stats(&mut self) -> WireStats {
+        let _ = self.drain();
+        let mut st = *self.enc.stats();
+        for e in &self.spare {
+            st += e.stats();
+        }
+        st
     }
 
-    fn write_batch(&mut self) -> Result<(), MigrateError> {
-        if !self.enc.is_empty() {
-            self.w.write_batch(&mut self.enc)?;
-            self.batches += 1;
+    /// Frame bytes (headers included) written so far on the connection.
+    pub fn bytes_written(&self) -> u64 {
+        lock(&self.w).counters().1
+    }
+
+    /// Takes back one written batch; an error if writing it failed.
+    fn reclaim_one(&mut self) -> Result<(), MigrateError> {
+        let (enc, r) = self
+            .from_writer
+            .recv()
+            .map_err(|_| MigrateError::Internal("the page writer thread ended".into()))?;
+        self.spare.push(enc);
+        self.in_flight -= 1;
+        Ok(r?)
+    }
+
+    /// Waits until every batch handed over is written.
+    fn drain(&mut self) -> Result<(), MigrateError> {
+        while self.in_flight > 0 {
+            self.reclaim_one()?;
         }
+        Ok(())
+    }
+
+    /// Hands the batch being built (if any) to the writer and starts
+    /// filling a spare one, waiting for one if all are in flight.
+    fn write_batch(&mut self) -> Result<(), MigrateError> {
+        if self.enc.is_empty() {
+            return Ok(());
+        }
+        while self.spare.is_empty() {
+            self.reclaim_one()?;
+        }
+        let next = self.spare.pop().ok_or_else(|| {
+            MigrateError::Internal("no spare page batch after the writer returned one".into())
+        })?;
+        let full = std::mem::replace(&mut self.enc, next);
+        let tx = self
+            .to_writer
+            .as_ref()
+            .ok_or_else(|| MigrateError::Internal("the page writer is closed".into()))?;
+        if tx.send(full).is_err() {
+            // The writer stopped after a failed write: report that error.
+            self.drain()?;
+            return Err(MigrateError::Internal(
+                "the page writer thread ended".into(),
+            ));
+        }
+        self.in_flight += 1;
+        self.batches += 1;
+        Ok(())
+    }
+
+    /// Writes a control message after every batch handed over so far.
+    pub fn send_msg(&mut self, m: &Message) -> Result<(), MigrateError> {
+        self.drain()?;
+        let mut w = lock(&self.w);
+        w.send(m)?;
+        w.flush()?;
         Ok(())
     }
 
@@ -123,9 +222,21 @@ impl PageSender {
     pub fn end_round(&mut self) -> Result<u64, MigrateError> {
         self.write_batch()?;
         self.current = None;
-        self.w.flush()?;
+        self.drain()?;
+        lock(&self.w).flush()?;
         Ok(self.batches)
     }
+}
+
+impl Drop for PageSender {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer thread once it is idle.
+        self.to_writer = None;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Reads one page through /proc/PID/mem (which ignores protections).
@@ -190,7 +301,7 @@ impl Stream {
                         }
                     }
                 }
-                *s.stats()
+                s.stats()
             })
             .ok();
         Stream { tx, handle }

@@ -153,18 +153,16 @@ impl Links {
     }
 
     fn send_msg(&mut self, m: &Message) -> Result<(), MigrateError> {
-        self.main.w.send(m)?;
-        self.main.w.flush()?;
-        Ok(())
+        self.main.send_msg(m)
     }
 
     /// Closes the streams and sums every connection's statistics.
     fn finish(mut self) -> (WireStats, u64) {
-        let mut stats = *self.main.stats();
-        let mut bytes = self.main.w.counters().1;
-        if let Some(bg) = &self.bg {
-            stats += bg.stats();
-            bytes += bg.w.counters().1;
+        let mut stats = self.main.stats();
+        let mut bytes = self.main.bytes_written();
+        if let Some(bg) = &mut self.bg {
+            stats += &bg.stats();
+            bytes += bg.bytes_written();
         }
         for s in &mut self.streams {
             let (tx, _) = mpsc::channel::<Cmd>();
@@ -607,7 +605,7 @@ fn precopy(
         let round_start = Instant::now();
         let mut pages_sent = 0u64;
         let mut resent = 0u64;
-        let bytes_before = links.main.w.counters().1;
+        let bytes_before = links.main.bytes_written();
         let send_t = Instant::now();
         for t in tracked.iter_mut() {
             let pages = std::mem::take(&mut t.pending);
@@ -623,7 +621,7 @@ fn precopy(
         // Stream threads' bytes are not in the main counter: estimate the
         // round's bytes from the pages when streams carry them.
         let bytes = if links.n == 0 {
-            links.main.w.counters().1 - bytes_before
+            links.main.bytes_written() - bytes_before
         } else {
             pages_sent * PAGE
         };
@@ -809,24 +807,32 @@ fn precopy(
 
 /// With the tree frozen: the last harvest of tracked `t`, then tracking
 /// off (restore must not see uffd state); `t.pending` becomes every page
-/// the target still lacks.
+/// the target still lacks. With `defer_stop`, tracking may stay on for the
+/// caller to stop (returns false then).
 fn final_harvest(
     t: &mut Tracked,
     tracker: &mut dyn Tracker,
     ranges: &mut Vec<DirtyRange>,
-) -> Result<(), MigrateError> {
+    defer_stop: bool,
+) -> Result<bool, MigrateError> {
     let areas = track::read_areas(t.pid)?;
     tracker.harvest(&areas, ranges)?;
     expand(ranges, &mut t.pending);
-    tracker.stop()?;
-    // After stop: tracking markers no longer look like swapped pages.
-    shmem_pages(t.pid, &mut t.pending)?;
+    // Shared memory is found in pagemap, where tracking markers look like
+    // swapped pages until tracking stops. Without any, the stop (a pass
+    // over every tracked page table: ~0.1 s per GiB) can overlap sending.
+    let shmem = areas.iter().any(|a| a.kind == track::AreaKind::Shmem);
+    let stopped = !defer_stop || shmem;
+    if stopped {
+        tracker.stop()?;
+        shmem_pages(t.pid, &mut t.pending)?;
+    }
     // Merges three sources: the round the controller stopped before
     // sending, this harvest, and the shared memory.
     t.pending.sort_unstable();
     t.pending.dedup();
     drop_unsendable(&areas, &mut t.pending);
-    Ok(())
+    Ok(stopped)
 }
 
 /// Ends the frozen round: flushes every connection, announces the round
@@ -940,14 +946,16 @@ struct Left {
 }
 
 /// With the tree frozen: every page the target still lacks. Tracked
-/// processes get their last harvest (tracking off); untracked ones (no
-/// live phase, or born during it) all of theirs — with `whole_areas`,
-/// their readable private anonymous areas as whole areas.
+/// processes get their last harvest (tracking off, unless `defer_stop`
+/// lets it wait for [`stop_tracking`]); untracked ones (no live phase, or
+/// born during it) all of theirs — with `whole_areas`, their readable
+/// private anonymous areas as whole areas.
 fn remaining_pages(
     tree: &FrozenTree,
     tracked: &mut [Tracked],
     resent_total: &mut u64,
     whole_areas: bool,
+    defer_stop: bool,
 ) -> Result<Vec<Left>, MigrateError> {
     let mut left = Vec::new();
     let mut ranges = Vec::new();
@@ -956,7 +964,7 @@ fn remaining_pages(
             left.push(untracked(t.pid, t.vpid, whole_areas)?);
             continue;
         };
-        let r = final_harvest(t, &mut *tracker, &mut ranges);
+        let r = final_harvest(t, &mut *tracker, &mut ranges, defer_stop);
         t.tracker = Some(tracker);
         r?;
         *resent_total += count_common(&t.last_sent, &t.pending);
@@ -994,6 +1002,17 @@ fn untracked(pid: i32, vpid: i32, whole_areas: bool) -> Result<Left, MigrateErro
         pages,
         areas: whole.iter().map(|m| (m.start, m.end)).collect(),
     })
+}
+
+/// Stops every tracker [`remaining_pages`] left running (a no-op for the
+/// others).
+fn stop_tracking(tracked: &mut [Tracked]) -> Result<(), MigrateError> {
+    for t in tracked.iter_mut().filter(|t| !t.gone) {
+        if let Some(tr) = t.tracker.as_mut() {
+            tr.stop()?;
+        }
+    }
+    Ok(())
 }
 
 /// The frozen tree's state with its areas (their page runs are built by
@@ -1126,13 +1145,35 @@ fn stop_and_copy(f: Final) -> Result<Handed, MigrateError> {
         resent_total,
         t_freeze,
     } = f;
-    let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
-    let mut pages_sent = 0u64;
-    for l in remaining_pages(tree, tracked, resent_total, false)? {
-        pages_sent += l.pages.len() as u64;
-        links.send(l.pid, l.vpid, wire_round, &l.pages, &mut split)?;
-    }
-    let inv = capture_frozen(tree, work, tracked)?;
+    let left = remaining_pages(tree, tracked, resent_total, false, true)?;
+    let pages_sent: u64 = left.iter().map(|l| l.pages.len() as u64).sum();
+    // The pages stream from another thread while this one, the tracer
+    // (ptrace works only from it), stops tracking and captures the state:
+    // with the tree frozen the two are independent.
+    let (sent, inv) = std::thread::scope(|s| {
+        let links = &mut *links;
+        let pages = std::thread::Builder::new()
+            .name("ferry-pages".into())
+            .spawn_scoped(s, move || -> Result<(), MigrateError> {
+                let mut split: Vec<Vec<u64>> = vec![Vec::new(); links.n as usize + 1];
+                for l in &left {
+                    links.send(l.pid, l.vpid, wire_round, &l.pages, &mut split)?;
+                }
+                Ok(())
+            });
+        let inv = stop_tracking(tracked).and_then(|()| capture_frozen(tree, work, tracked));
+        let sent = match pages {
+            Ok(h) => h
+                .join()
+                .unwrap_or_else(|_| Err(MigrateError::Internal("the page thread panicked".into()))),
+            Err(e) => Err(MigrateError::Internal(format!(
+                "cannot start the page thread: {e}"
+            ))),
+        };
+        (sent, inv)
+    });
+    sent?;
+    let inv = inv?;
     let n = counts(&inv);
     end_frozen_round(links, rounds, round, wire_round, pages_sent, t_freeze)?;
     commit(links, work, inv, Vec::new())?;

@@ -169,6 +169,75 @@ impl SharedLayout {
     }
 }
 
+/// Pages below / above a thread's stack pointer sent before the resume.
+const STACK_BELOW: u64 = 1;
+const STACK_ABOVE: u64 = 8;
+/// Pages on each side of a thread's instruction pointer.
+const CODE_AROUND: u64 = 1;
+const PG: u64 = sys::PAGE_SIZE as u64;
+
+/// Sorted, disjoint `[start, end)` windows of `p` that are touched first:
+/// around each thread's stack and instruction pointers (what the threads
+/// touch when they resume), and the pages the restore itself makes the
+/// kernel write before the job's userfaultfd exists: the rseq area
+/// (updated on each return to user space), the TID address, the robust
+/// list head, the TLS block at fs_base. Left missing, such a page would be
+/// zero-filled by that write and the data arriving later refused (EEXIST).
+pub fn first_touched(p: &ProcessImage) -> Vec<(u64, u64)> {
+    let mut w = windows_around(p.threads.iter().map(|t| (t.regs.rsp, t.regs.rip)));
+    for t in &p.threads {
+        let mut page = |addr: u64| {
+            if addr != 0 {
+                let a = addr & !(PG - 1);
+                w.push((a, a + PG));
+            }
+        };
+        page(t.tid_address);
+        page(t.robust_list.0);
+        page(t.regs.fs_base);
+        page(t.regs.fs_base.saturating_sub(1));
+        if let Some(r) = &t.rseq {
+            page(r.rseq_abi_pointer);
+            page(r.rseq_abi_pointer + u64::from(r.rseq_abi_size).saturating_sub(1));
+        }
+    }
+    merge(w)
+}
+
+/// The windows for (stack pointer, instruction pointer) pairs.
+fn windows_around(regs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    merge(
+        regs.flat_map(|(rsp, rip)| {
+            let sp = rsp & !(PG - 1);
+            let ip = rip & !(PG - 1);
+            [
+                (
+                    sp.saturating_sub(STACK_BELOW * PG),
+                    sp + (STACK_ABOVE + 1) * PG,
+                ),
+                (
+                    ip.saturating_sub(CODE_AROUND * PG),
+                    ip + (CODE_AROUND + 1) * PG,
+                ),
+            ]
+        })
+        .collect(),
+    )
+}
+
+/// Sorts `[start, end)` ranges and merges those that overlap or touch.
+fn merge(mut w: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    w.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(w.len());
+    for (s, e) in w {
+        match merged.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    merged
+}
+
 /// A restored process's userfaultfd.
 #[derive(Debug, Clone)]
 pub struct RegisteredSpace {
@@ -275,6 +344,20 @@ pub fn register(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hot_windows_cover_stack_and_code_and_merge() {
+        // Two threads with neighbouring stacks, one shared code page.
+        let w = windows_around([(0x7000_0010, 0x40_1234), (0x7000_3ff0, 0x40_1000)].into_iter());
+        assert_eq!(
+            w,
+            vec![
+                (0x40_0000, 0x40_3000),
+                (0x7000_0000 - PG, 0x7000_3000 + (STACK_ABOVE + 1) * PG),
+            ]
+        );
+    }
+
     use crate::image::tests_support::{inventory, process, shmem_vma};
     use crate::image::{FileImage, FileKind};
 

@@ -19,11 +19,6 @@ use crate::restore::postcopy::SharedLayout;
 use crate::wire::messages::{PlanRun, PostcopyDone, PostcopyPlan, MAX_PLAN_RUNS};
 use std::collections::HashMap;
 
-/// Pages below / above a thread's stack pointer sent before the resume.
-const STACK_BELOW: u64 = 1;
-const STACK_ABOVE: u64 = 8;
-/// Pages on each side of a thread's instruction pointer.
-const CODE_AROUND: u64 = 1;
 /// Pages per background batch: small enough that a page request does not
 /// wait long behind one.
 const BG_CHUNK: usize = 32;
@@ -96,39 +91,10 @@ enum FromTarget {
     Lost(String),
 }
 
-/// Sorted, disjoint `[start, end)` windows of `p` around each thread's
-/// stack and instruction pointers: what the threads touch first.
+/// What goes before the resume in private anonymous memory: the pages
+/// the threads (and the restore itself) touch first.
 fn hot_windows(p: &ProcessImage) -> Vec<(u64, u64)> {
-    windows_around(p.threads.iter().map(|t| (t.regs.rsp, t.regs.rip)))
-}
-
-/// The windows for (stack pointer, instruction pointer) pairs.
-fn windows_around(regs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
-    let mut w: Vec<(u64, u64)> = regs
-        .flat_map(|(rsp, rip)| {
-            let sp = rsp & !(PAGE - 1);
-            let ip = rip & !(PAGE - 1);
-            [
-                (
-                    sp.saturating_sub(STACK_BELOW * PAGE),
-                    sp + (STACK_ABOVE + 1) * PAGE,
-                ),
-                (
-                    ip.saturating_sub(CODE_AROUND * PAGE),
-                    ip + (CODE_AROUND + 1) * PAGE,
-                ),
-            ]
-        })
-        .collect();
-    w.sort_unstable();
-    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(w.len());
-    for (s, e) in w {
-        match merged.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => merged.push((s, e)),
-        }
-    }
-    merged
+    crate::restore::postcopy::first_touched(p)
 }
 
 /// Whether the target must have `addr` of `p` before the job resumes:
@@ -217,7 +183,7 @@ pub(super) fn handoff(
         t_freeze,
     } = f;
     // What the target does not have yet: as a stop-and-copy would send it.
-    let left = remaining_pages(tree, tracked, resent_total, true)?;
+    let left = remaining_pages(tree, tracked, resent_total, true, false)?;
     tracing::debug!(elapsed = ?t_freeze.elapsed(), "frozen: remaining pages found");
     let inv = capture_frozen(tree, work, tracked)?;
     tracing::debug!(elapsed = ?t_freeze.elapsed(), "frozen: state captured");
@@ -492,19 +458,6 @@ fn stream_rest(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hot_windows_cover_stack_and_code_and_merge() {
-        // Two threads with neighbouring stacks, one shared code page.
-        let w = windows_around([(0x7000_0010, 0x40_1234), (0x7000_3ff0, 0x40_1000)].into_iter());
-        assert_eq!(
-            w,
-            vec![
-                (0x40_0000, 0x40_3000),
-                (0x7000_0000 - PAGE, 0x7000_3000 + (STACK_ABOVE + 1) * PAGE),
-            ]
-        );
-    }
 
     #[test]
     fn carve_splits_areas_by_windows() {
