@@ -247,7 +247,13 @@ fn serve_main(
             let was_started = rx.start_info().is_some();
             let a = rx.on_frame(&f);
             if !was_started {
-                if let Some(n) = rx.start_info().map(|s| s.total_pages) {
+                // Post-copy sends only a few pages before the resume: memory
+                // prepared for the rest would only compete with the restore.
+                let expected = rx
+                    .start_info()
+                    .filter(|s| s.mode != wire::MigrationMode::PostCopy)
+                    .map(|s| s.total_pages);
+                if let Some(n) = expected {
                     rx.sink_mut().0.expect(n);
                 }
             }
