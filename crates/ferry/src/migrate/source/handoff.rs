@@ -18,6 +18,7 @@ use crate::image::{ProcessImage, VmaKind};
 use crate::restore::postcopy::SharedLayout;
 use crate::wire::messages::{PlanRun, PostcopyDone, PostcopyPlan, MAX_PLAN_RUNS};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 
 /// Pages per background batch: small enough that a page request does not
 /// wait long behind one.
@@ -39,12 +40,58 @@ pub(super) struct Handoff {
 struct Rest {
     pid: i32,
     vpid: i32,
+    /// Its planned pages, sorted.
     pages: Vec<u64>,
-    sent: Vec<bool>,
-    cursor: usize,
-    left: usize,
     /// The process's areas of lazy shared objects, sorted.
     shared: Vec<(u64, u64)>,
+}
+
+/// Which planned pages have gone, shared by the thread that answers the
+/// target's requests and the background loop: one bit per page of each
+/// process's plan, set by whichever sends the page first.
+struct SentMap {
+    bits: Vec<Vec<AtomicU64>>,
+    left_of: Vec<AtomicUsize>,
+    left: AtomicUsize,
+}
+
+impl SentMap {
+    fn new(rest: &[Rest]) -> Self {
+        SentMap {
+            bits: rest
+                .iter()
+                .map(|r| {
+                    (0..r.pages.len().div_ceil(64))
+                        .map(|_| AtomicU64::new(0))
+                        .collect()
+                })
+                .collect(),
+            left_of: rest
+                .iter()
+                .map(|r| AtomicUsize::new(r.pages.len()))
+                .collect(),
+            left: AtomicUsize::new(rest.iter().map(|r| r.pages.len()).sum()),
+        }
+    }
+
+    /// Marks page `j` of process `i` as sent; whether it was not yet.
+    fn take(&self, i: usize, j: usize) -> bool {
+        let bit = 1u64 << (j % 64);
+        if self.bits[i][j / 64].fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+            return false;
+        }
+        self.left_of[i].fetch_sub(1, Ordering::AcqRel);
+        self.left.fetch_sub(1, Ordering::AcqRel);
+        true
+    }
+
+    fn left_of(&self, i: usize) -> usize {
+        self.left_of[i].load(Ordering::Acquire)
+    }
+
+    fn left(&self) -> usize {
+        self.left.load(Ordering::Acquire)
+    }
 }
 
 impl Rest {
@@ -86,7 +133,6 @@ struct Planned {
 }
 
 enum FromTarget {
-    Request(wire::messages::PageRequest),
     Done(PostcopyDone),
     Lost(String),
 }
@@ -276,10 +322,7 @@ pub(super) fn handoff(
                 Rest {
                     pid,
                     vpid,
-                    sent: vec![false; pages.len()],
-                    left: pages.len(),
                     pages,
-                    cursor: 0,
                     shared,
                 }
             },
@@ -307,151 +350,209 @@ pub(super) fn handoff(
     })
 }
 
-/// The post-copy phase: background pages in address order from where the
-/// job last faulted, requested pages first, until the target is done.
-/// Also returns how many shared pages were sent on request.
+/// The post-copy phase until the target has every page: a thread answers
+/// the target's page requests on the main connection as they come (a
+/// fault waits for nothing else), while this one streams the rest on the
+/// background connection in address order, moving to where the job last
+/// faulted.
 fn stream_rest(
     links: &mut Links,
-    mut rest: Vec<Rest>,
+    rest: Vec<Rest>,
     round: u32,
     cancel: &AtomicBool,
 ) -> Result<(PostcopyDone, u64), MigrateError> {
-    let mut shared_requested = 0u64;
-    let sock = links
-        .r
-        .get_ref()
-        .try_clone()
-        .map_err(|e| MigrateError::Io {
-            what: "socket".into(),
-            source: e,
-        })?;
-    let mut reader = std::mem::replace(&mut links.r, FrameReader::new(sock));
+    let io = |e| MigrateError::Io {
+        what: "socket".into(),
+        source: e,
+    };
+    let sock = links.r.get_ref().try_clone().map_err(io)?;
+    let cut = sock.try_clone().map_err(io)?;
+    let reader = std::mem::replace(&mut links.r, FrameReader::new(sock));
+    let Links { main, bg, .. } = links;
+    let bg = bg
+        .as_mut()
+        .ok_or_else(|| MigrateError::Internal("post-copy without a background stream".into()))?;
+    let sent = SentMap::new(&rest);
+    // (process << 40) | page + 1 of the last fault; 0: none new.
+    let last_fault = AtomicU64::new(0);
+    let shared_requested = AtomicU64::new(0);
     let (tx, rx) = mpsc::channel();
-    let lenient = true;
-    std::thread::Builder::new()
-        .name("ferry-postcopy-rx".into())
-        .spawn(move || loop {
-            let m = match wire::source::read_message(&mut reader, lenient) {
-                Ok(Message::PageRequest(r)) => FromTarget::Request(r),
-                Ok(Message::PostcopyDone(d)) => {
-                    let _ = tx.send(FromTarget::Done(d));
-                    return;
+    let out = std::thread::scope(|s| {
+        let answering = std::thread::Builder::new()
+            .name("ferry-postcopy-rx".into())
+            .spawn_scoped(s, || {
+                let why = answer_requests(
+                    reader,
+                    main,
+                    &rest,
+                    &sent,
+                    &last_fault,
+                    &shared_requested,
+                    round,
+                    &tx,
+                );
+                if let Some(why) = why {
+                    let _ = tx.send(FromTarget::Lost(why));
                 }
-                Ok(Message::Pong { .. }) => continue,
-                Ok(Message::Abort { reason }) | Ok(Message::Error { message: reason }) => {
-                    FromTarget::Lost(format!("the target gave up: {reason}"))
-                }
-                Ok(m) => FromTarget::Lost(format!("unexpected {} from the target", m.frame_type())),
-                Err(e) => FromTarget::Lost(e.to_string()),
-            };
-            let end = matches!(m, FromTarget::Lost(_));
-            if tx.send(m).is_err() || end {
-                return;
+            })
+            .map_err(|e| MigrateError::Io {
+                what: "starting the post-copy reader".into(),
+                source: e,
+            })?;
+        let out = background(bg, &rest, &sent, &last_fault, round, &rx, cancel);
+        if out.is_err() {
+            // Unblocks the reader; the target, losing us, kills its copy.
+            let _ = cut.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = answering.join();
+        out
+    })?;
+    Ok((out, shared_requested.load(Ordering::Relaxed)))
+}
+
+/// The thread that answers page requests; returns why it stopped unless
+/// the target said it is done.
+#[allow(clippy::too_many_arguments)]
+fn answer_requests(
+    mut reader: FrameReader<TcpStream>,
+    main: &mut PageSender,
+    rest: &[Rest],
+    sent: &SentMap,
+    last_fault: &AtomicU64,
+    shared_requested: &AtomicU64,
+    round: u32,
+    tx: &mpsc::Sender<FromTarget>,
+) -> Option<String> {
+    let mut chunk: Vec<u64> = Vec::with_capacity(64);
+    loop {
+        let q = match wire::source::read_message(&mut reader, true) {
+            Ok(Message::PageRequest(q)) => q,
+            Ok(Message::PostcopyDone(d)) => {
+                let _ = tx.send(FromTarget::Done(d));
+                return None;
             }
-        })
-        .map_err(|e| MigrateError::Io {
-            what: "starting the post-copy reader".into(),
-            source: e,
-        })?;
-    let mut total: usize = rest.iter().map(|r| r.left).sum();
-    let mut current = 0usize;
-    let mut chunk: Vec<u64> = Vec::with_capacity(BG_CHUNK);
+            Ok(Message::Pong { .. }) => continue,
+            Ok(Message::Abort { reason }) | Ok(Message::Error { message: reason }) => {
+                return Some(format!("the target gave up: {reason}"))
+            }
+            Ok(m) => return Some(format!("unexpected {} from the target", m.frame_type())),
+            Err(e) => return Some(e.to_string()),
+        };
+        let Some(i) = rest.iter().position(|r| r.vpid == q.pid) else {
+            continue;
+        };
+        let r = &rest[i];
+        chunk.clear();
+        for k in 0..q.npages.min(64) as u64 {
+            let a = q.addr + k * PAGE;
+            let Ok(j) = r.pages.binary_search(&a) else {
+                continue;
+            };
+            if sent.take(i, j) {
+                chunk.push(a);
+                if r.is_shared(a) {
+                    shared_requested.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if k == 0 {
+                // The background continues from here.
+                last_fault.store(((i as u64) << 40) | (j as u64 + 1), Ordering::Release);
+            }
+        }
+        if !chunk.is_empty() {
+            if let Err(e) = main
+                .send(r.pid, r.vpid, round, &chunk)
+                .and_then(|()| main.end_round().map(|_| ()))
+            {
+                return Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// Streams every page not requested first, then waits for the target's
+/// PostcopyDone.
+fn background(
+    bg: &mut PageSender,
+    rest: &[Rest],
+    sent: &SentMap,
+    last_fault: &AtomicU64,
+    round: u32,
+    rx: &mpsc::Receiver<FromTarget>,
+    cancel: &AtomicBool,
+) -> Result<PostcopyDone, MigrateError> {
     let lost = |why: String| {
         MigrateError::Stream(format!(
             "post-copy failed, the target kills its copy: {why}"
         ))
     };
+    let mut cursor = vec![0usize; rest.len()];
+    let mut current = 0usize;
+    let mut chunk: Vec<u64> = Vec::with_capacity(BG_CHUNK);
     loop {
-        // Requests first.
-        let mut wait = if total == 0 {
-            Some(Duration::from_secs(600))
-        } else {
-            None
-        };
-        loop {
-            let m = match wait.take() {
-                Some(d) => rx
-                    .recv_timeout(d)
+        let wait = (sent.left() == 0).then_some(Duration::from_secs(600));
+        let m = match wait {
+            Some(d) => Some(
+                rx.recv_timeout(d)
                     .map_err(|_| lost("no answer from the target".into()))?,
-                None => match rx.try_recv() {
-                    Ok(m) => m,
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        return Err(lost("connection closed".into()))
-                    }
-                },
-            };
-            match m {
-                FromTarget::Request(q) => {
-                    let Some(i) = rest.iter().position(|r| r.vpid == q.pid) else {
-                        continue;
-                    };
-                    let r = &mut rest[i];
-                    chunk.clear();
-                    for k in 0..q.npages.min(64) as u64 {
-                        let a = q.addr + k * PAGE;
-                        if let Ok(j) = r.pages.binary_search(&a) {
-                            if !r.sent[j] {
-                                r.sent[j] = true;
-                                r.left -= 1;
-                                total -= 1;
-                                chunk.push(a);
-                                if r.is_shared(a) {
-                                    shared_requested += 1;
-                                }
-                            }
-                            if k == 0 {
-                                // The background continues from here.
-                                r.cursor = j + 1;
-                                current = i;
-                            }
-                        }
-                    }
-                    if !chunk.is_empty() {
-                        links.main.send(r.pid, r.vpid, round, &chunk)?;
-                        links.main.end_round()?;
-                    }
+            ),
+            None => match rx.try_recv() {
+                Ok(m) => Some(m),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    return Err(lost("connection closed".into()))
                 }
-                FromTarget::Done(d) => return Ok((d, shared_requested)),
-                FromTarget::Lost(why) => return Err(lost(why)),
-            }
+            },
+        };
+        match m {
+            Some(FromTarget::Done(d)) => return Ok(d),
+            Some(FromTarget::Lost(why)) => return Err(lost(why)),
+            None => {}
         }
         if cancel.load(Ordering::Relaxed) {
             return Err(MigrateError::Cancelled);
         }
-        if total == 0 {
+        let lf = last_fault.swap(0, Ordering::AcqRel);
+        if lf != 0 {
+            // Right after the faulted page.
+            current = (lf >> 40) as usize;
+            cursor[current] = (lf & ((1 << 40) - 1)) as usize;
+        }
+        // The next process with pages left (the answering thread may take
+        // the last ones at any time).
+        let Some(i) = (0..rest.len())
+            .map(|k| (current + k) % rest.len())
+            .find(|&i| sent.left_of(i) > 0)
+        else {
             continue;
-        }
-        // One background batch.
-        while rest[current].left == 0 {
-            current = (current + 1) % rest.len();
-        }
-        let r = &mut rest[current];
-        chunk.clear();
+        };
+        current = i;
+        let r = &rest[i];
         let n = r.pages.len();
-        while chunk.len() < BG_CHUNK && r.left > 0 {
-            if r.cursor >= n {
-                if !chunk.is_empty() {
+        chunk.clear();
+        let mut wrapped = false;
+        while chunk.len() < BG_CHUNK && sent.left_of(i) > 0 {
+            if cursor[i] >= n {
+                if !chunk.is_empty() || wrapped {
                     // A batch's addresses must increase.
                     break;
                 }
-                r.cursor = 0;
+                cursor[i] = 0;
+                wrapped = true;
             }
-            let j = r.cursor;
-            r.cursor += 1;
-            if !r.sent[j] {
-                r.sent[j] = true;
-                r.left -= 1;
-                total -= 1;
+            let j = cursor[i];
+            cursor[i] += 1;
+            if sent.take(i, j) {
                 chunk.push(r.pages[j]);
             } else if !chunk.is_empty() {
                 // Keep a batch contiguous in address order.
                 break;
             }
         }
-        let bg = links.bg.as_mut().unwrap_or(&mut links.main);
-        bg.send(r.pid, r.vpid, round, &chunk)?;
-        bg.end_round()?;
+        if !chunk.is_empty() {
+            bg.send(r.pid, r.vpid, round, &chunk)?;
+            bg.end_round()?;
+        }
     }
 }
 
