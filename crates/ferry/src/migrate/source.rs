@@ -190,12 +190,14 @@ fn connect(addr: &SocketAddr, timeout: Duration) -> Result<TcpStream, MigrateErr
     Ok(s)
 }
 
-fn writer(s: TcpStream, limiter: &Option<Arc<RateLimiter>>) -> Conn {
+fn writer(s: TcpStream, limiter: &Option<Arc<RateLimiter>>, timeout: Duration) -> Conn {
     let w: Box<dyn Write + Send> = match limiter {
         Some(l) => Box::new(Throttled::new(s, l.clone())),
         None => Box::new(s),
     };
-    FrameWriter::new(w)
+    let mut fw = FrameWriter::new(w);
+    fw.set_frame_deadline(Some(timeout));
+    fw
 }
 
 /// Pages of a process that hold data only the process has, chosen from
@@ -305,7 +307,7 @@ pub fn migrate(
         what: "socket".into(),
         source: e,
     })?);
-    let mut w = writer(main, &limiter);
+    let mut w = writer(main, &limiter, opts.timeout);
     // Post-copy keeps one more connection for background pages.
     let bg = u16::from(opts.mode.is_postcopy());
     let mut features = Features::ours(opts.streams.saturating_add(bg));
@@ -494,7 +496,7 @@ fn live(
         };
         let mut sr = FrameReader::new(s.try_clone().map_err(io)?);
         socks.push(s.try_clone().map_err(io)?);
-        let mut sw = writer(s, limiter);
+        let mut sw = writer(s, limiter, opts.timeout);
         session.join_stream(&mut sr, &mut sw, index)?;
         PageSender::new(sw, opts.compression, cancel.clone())
     };

@@ -470,6 +470,9 @@ pub struct FrameWriter<W> {
     limits: Limits,
     frames: u64,
     bytes: u64,
+    /// A frame still unwritten after this long is an error (see
+    /// [`FrameWriter::set_frame_deadline`]).
+    deadline: Option<std::time::Duration>,
 }
 
 impl<W: Write> FrameWriter<W> {
@@ -484,7 +487,17 @@ impl<W: Write> FrameWriter<W> {
             limits,
             frames: 0,
             bytes: 0,
+            deadline: None,
         }
+    }
+
+    /// Fails a frame that is not written after `d`. A socket's send
+    /// timeout bounds each write call, not the frame: on a dead link the
+    /// kernel takes part of a large frame into its buffer, the call
+    /// returns that part after the timeout, and the rest waits a timeout
+    /// again.
+    pub fn set_frame_deadline(&mut self, d: Option<std::time::Duration>) {
+        self.deadline = d;
     }
 
     /// Frames and bytes (headers included) written so far.
@@ -539,7 +552,7 @@ impl<W: Write> FrameWriter<W> {
         for (s, p) in slices[1..].iter_mut().zip(parts) {
             *s = IoSlice::new(p);
         }
-        write_all_vectored(&mut self.inner, &mut slices[..=parts.len()])
+        write_all_vectored(&mut self.inner, &mut slices[..=parts.len()], self.deadline)
             .map_err(WireError::io("writing a frame"))?;
         self.frames += 1;
         self.bytes += HEADER_LEN as u64 + len;
@@ -570,9 +583,20 @@ impl<W: Write> FrameWriter<W> {
 }
 
 /// `Write::write_all_vectored` (unstable in std).
-fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+fn write_all_vectored<W: Write>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+    deadline: Option<std::time::Duration>,
+) -> std::io::Result<()> {
+    let t0 = std::time::Instant::now();
     IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
+        if let Some(d) = deadline.filter(|&d| t0.elapsed() > d) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the frame was not sent within {d:?}"),
+            ));
+        }
         match w.write_vectored(bufs) {
             Ok(0) => {
                 return Err(std::io::Error::new(
@@ -608,6 +632,36 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// Like a socket on a dead link: each call takes a little, slowly.
+    struct Stalled;
+    impl Write for Stalled {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            Ok(b.len().min(1))
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_frame_past_its_deadline_fails() {
+        let mut w = FrameWriter::new(Stalled);
+        w.set_frame_deadline(Some(std::time::Duration::from_millis(50)));
+        let t = std::time::Instant::now();
+        let e = w
+            .write_frame(FrameType::PageBatch, &[7u8; 100])
+            .unwrap_err();
+        assert!(e.to_string().contains("not sent within"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        // Without a deadline the same frame goes through, slowly.
+        let mut w = FrameWriter::new(Dribble {
+            out: Vec::new(),
+            n: 1,
+        });
+        w.write_frame(FrameType::PageBatch, &[7u8; 100]).unwrap();
     }
 
     #[test]
