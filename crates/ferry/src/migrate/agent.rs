@@ -406,23 +406,28 @@ fn restore_job(
     mut inv: Box<Inventory>,
 ) -> Result<Option<PagerThread>, MigrateError> {
     let t = Instant::now();
-    let (mut pages, blobs, sid, plans, postcopy, lazy) = {
+    let (mut pages, blobs, sid, mut plans, postcopy, lazy_ok) = {
         let mut rx = lock(&sess.rx);
         let pages = std::mem::take(&mut rx.sink_mut().0);
         let postcopy = rx.start_info().is_some_and(|s| s.mode.is_postcopy());
-        let lazy = !postcopy
-            && rx
-                .negotiated()
-                .is_some_and(|f| f.flags & wire::Features::LAZY_RESTORE != 0);
+        let lazy_ok = rx
+            .negotiated()
+            .is_some_and(|f| f.flags & wire::Features::LAZY_RESTORE != 0);
         (
             pages,
             rx.take_blobs(),
             rx.session().unwrap_or_default(),
             rx.take_plans(),
             postcopy,
-            lazy,
+            lazy_ok,
         )
     };
+    // Pre-copy: fill the private memory after the resume from the pages
+    // held here. Hybrid: the same for the pages its live rounds sent, the
+    // rest coming from the source as in post-copy.
+    let lazy = !postcopy && lazy_ok;
+    let local = postcopy && lazy_ok && !pages.is_empty();
+    let mut local_ranges: HashMap<i32, Vec<(u64, u64)>> = HashMap::new();
     // Planned pages stay missing: an older copy from a pre-copy round must
     // not be restored in their place.
     let mut planned: HashMap<i32, Vec<(u64, u64)>> = HashMap::new();
@@ -452,6 +457,14 @@ fn restore_job(
             // Private memory is filled after the resume (lazyfill).
             planned = lazyfill::plan(&mut inv.processes);
             lazy_plans = lazyfill::plans(&planned);
+        } else if local {
+            local_ranges = lazyfill::plan(&mut inv.processes);
+            lazy_plans = lazyfill::plans(&local_ranges);
+            for (pid, ranges) in &local_ranges {
+                let v = planned.entry(*pid).or_default();
+                v.extend_from_slice(ranges);
+                v.sort_unstable();
+            }
         }
         let dir = agent.cfg.work_dir.join(format!("session-{sid}"));
         let img = ImageDir::new(&dir, true)?;
@@ -469,7 +482,7 @@ fn restore_job(
         let _ = std::fs::remove_dir_all(&dir);
         Ok(r?)
     })();
-    let mut pages = Some(pages).filter(|_| lazy);
+    let mut pages = Some(pages).filter(|_| lazy || local);
     let mut pager = None;
     let result = match outcome {
         Ok(mut rep) if lazy => {
@@ -496,11 +509,40 @@ fn restore_job(
         Ok(mut rep) if postcopy => {
             lock(&agent.jobs).push((rep.wait_pid, rep.pid));
             let main = sess.main.clone();
-            let send: postcopy::SendFn = Box::new(move |msgs| send_all(&main, msgs));
+            // Faults on pages held here go to the local feeder, the others
+            // to the source.
+            let (req_tx, req_rx) = std::sync::mpsc::channel();
+            let held = std::mem::take(&mut local_ranges);
+            let send: postcopy::SendFn = Box::new(move |msgs| {
+                let mut remote = Vec::with_capacity(msgs.len());
+                for m in msgs {
+                    match m {
+                        Message::PageRequest(q) if lazyfill::holds(&held, q.pid, q.addr) => {
+                            let _ = req_tx.send(*q);
+                        }
+                        m => remote.push(m.clone()),
+                    }
+                }
+                if remote.is_empty() {
+                    return Ok(());
+                }
+                send_all(&main, &remote)
+            });
             let spaces = std::mem::take(&mut rep.spaces);
             let shmem = std::mem::take(&mut rep.shmem);
+            plans.extend(std::mem::take(&mut lazy_plans));
             match Pager::new(spaces, &plans, shared, &shmem, rep.pid, rep.wait_pid, send) {
                 Ok((p, inbox)) => {
+                    if let Some(pages) = pages.take() {
+                        let feed = inbox.clone();
+                        std::thread::Builder::new()
+                            .name("ferry-lazy-feed".into())
+                            .spawn(move || lazyfill::feed(pages, feed, req_rx))
+                            .map_err(|e| MigrateError::Io {
+                                what: "starting the lazy restore feeder".into(),
+                                source: e,
+                            })?;
+                    }
                     *lock(&sess.postcopy) = Some(inbox);
                     pager = Some(p);
                     tracing::info!(pid = rep.pid, "job resumed in {:?}; post-copy", t.elapsed());

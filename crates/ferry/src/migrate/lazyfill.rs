@@ -80,6 +80,14 @@ fn push_range(ranges: &mut Vec<(u64, u64)>, s: u64, e: u64) {
     }
 }
 
+/// Whether `addr` of image pid `pid` lies in `planned` (sorted ranges).
+pub fn holds(planned: &PlannedPages, pid: i32, addr: u64) -> bool {
+    planned.get(&pid).is_some_and(|r| {
+        let i = r.partition_point(|&(_, e)| e <= addr);
+        r.get(i).is_some_and(|&(s, _)| s <= addr)
+    })
+}
+
 /// The planned pages as the pager's plans.
 pub fn plans(planned: &PlannedPages) -> Vec<PostcopyPlan> {
     planned

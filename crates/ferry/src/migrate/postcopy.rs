@@ -544,7 +544,10 @@ impl Pager {
         }
         // Runs in shared areas become object pages.
         let mut names: HashMap<u64, Vec<(u64, u32, i32, u64)>> = HashMap::new();
-        for (vpid, r) in runs {
+        for (vpid, mut r) in runs {
+            // Plans may come in pieces (the source's, and a lazy restore's
+            // own for pages already here): in address order.
+            r.sort_unstable_by_key(|run| run.addr);
             let mut private = Vec::with_capacity(r.len());
             for run in &r {
                 split_run(&shared, vpid, run, &mut private, &mut names);
