@@ -47,6 +47,8 @@ pub struct PageSender {
     mem: Option<(i32, File)>,
     /// PageBatch frames handed to the writer so far.
     pub batches: u64,
+    /// Write batches on the calling thread (see [`PageSender::set_direct`]).
+    direct: bool,
     cancel: Arc<AtomicBool>,
 }
 
@@ -88,8 +90,19 @@ impl PageSender {
             ranges: Vec::with_capacity(IOV_MAX),
             mem: None,
             batches: 0,
+            direct: false,
             cancel,
         })
+    }
+
+    /// Writes each batch on the calling thread when it is complete instead
+    /// of handing it to the writer thread: for single pages that someone
+    /// waits for (post-copy's answers to faults), where the hand-over
+    /// costs more than it saves.
+    pub fn set_direct(&mut self, direct: bool) -> Result<(), MigrateError> {
+        self.drain()?;
+        self.direct = direct;
+        Ok(())
     }
 
     /// What every batch handed over so far carried (waits for the writer).
@@ -130,6 +143,12 @@ impl PageSender {
     /// filling a spare one, waiting for one if all are in flight.
     fn write_batch(&mut self) -> Result<(), MigrateError> {
         if self.enc.is_empty() {
+            return Ok(());
+        }
+        if self.direct {
+            self.drain()?;
+            lock(&self.w).write_batch(&mut self.enc)?;
+            self.batches += 1;
             return Ok(());
         }
         while self.spare.is_empty() {

@@ -369,6 +369,7 @@ fn stream_rest(
     let cut = sock.try_clone().map_err(io)?;
     let reader = std::mem::replace(&mut links.r, FrameReader::new(sock));
     let Links { main, bg, .. } = links;
+    main.set_direct(true)?;
     let bg = bg
         .as_mut()
         .ok_or_else(|| MigrateError::Internal("post-copy without a background stream".into()))?;
