@@ -247,13 +247,7 @@ fn serve_main(
             let was_started = rx.start_info().is_some();
             let a = rx.on_frame(&f);
             if !was_started {
-                // Post-copy sends only a few pages before the resume: memory
-                // prepared for the rest would only compete with the restore.
-                let expected = rx
-                    .start_info()
-                    .filter(|s| s.mode != wire::MigrationMode::PostCopy)
-                    .map(|s| s.total_pages);
-                if let Some(n) = expected {
+                if let Some(n) = rx.start_info().map(|s| s.total_pages) {
                     rx.sink_mut().0.expect(n);
                 }
             }
@@ -508,26 +502,8 @@ fn restore_job(
         }
         Ok(mut rep) if postcopy => {
             lock(&agent.jobs).push((rep.wait_pid, rep.pid));
-            let main = sess.main.clone();
-            // Faults on pages held here go to the local feeder, the others
-            // to the source.
-            let (req_tx, req_rx) = std::sync::mpsc::channel();
             let held = std::mem::take(&mut local_ranges);
-            let send: postcopy::SendFn = Box::new(move |msgs| {
-                let mut remote = Vec::with_capacity(msgs.len());
-                for m in msgs {
-                    match m {
-                        Message::PageRequest(q) if lazyfill::holds(&held, q.pid, q.addr) => {
-                            let _ = req_tx.send(*q);
-                        }
-                        m => remote.push(m.clone()),
-                    }
-                }
-                if remote.is_empty() {
-                    return Ok(());
-                }
-                send_all(&main, &remote)
-            });
+            let (send, req_rx) = fault_router(Some((held, sess.main.clone())));
             let spaces = std::mem::take(&mut rep.spaces);
             let shmem = std::mem::take(&mut rep.shmem);
             plans.extend(std::mem::take(&mut lazy_plans));
@@ -535,13 +511,9 @@ fn restore_job(
                 Ok((p, inbox)) => {
                     if let Some(pages) = pages.take() {
                         let feed = inbox.clone();
-                        std::thread::Builder::new()
-                            .name("ferry-lazy-feed".into())
-                            .spawn(move || lazyfill::feed(pages, feed, req_rx))
-                            .map_err(|e| MigrateError::Io {
-                                what: "starting the lazy restore feeder".into(),
-                                source: e,
-                            })?;
+                        spawn("ferry-lazy-feed", move || {
+                            lazyfill::feed(pages, feed, req_rx)
+                        })?;
                     }
                     *lock(&sess.postcopy) = Some(inbox);
                     pager = Some(p);
@@ -575,17 +547,58 @@ fn restore_job(
     // Serving starts once the source knows the job runs here (it sends the
     // rest only then); faults meanwhile wait in the kernel.
     Ok(match pager {
-        Some(p) => Some(
-            std::thread::Builder::new()
-                .name("ferry-pager".into())
-                .spawn(move || p.run())
-                .map_err(|e| MigrateError::Io {
-                    what: "starting the pager".into(),
-                    source: e,
-                })?,
-        ),
+        Some(p) => Some(spawn("ferry-pager", move || p.run())?),
         None => None,
     })
+}
+
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>, MigrateError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| MigrateError::Io {
+            what: format!("starting {name}"),
+            source: e,
+        })
+}
+
+/// The pager's way out for a job whose memory is (partly) filled from
+/// pages held here: its requests for those pages go to the local feeder
+/// (the receiver returned); with `remote` = (pages held here, the source's
+/// connection) everything else goes to the source, without it (a lazy
+/// restore after pre-copy) nothing does.
+fn fault_router(
+    remote: Option<(restore::PlannedPages, Arc<Mutex<Conn>>)>,
+) -> (
+    postcopy::SendFn,
+    std::sync::mpsc::Receiver<wire::messages::PageRequest>,
+) {
+    let (req_tx, req_rx) = std::sync::mpsc::channel();
+    let send: postcopy::SendFn = Box::new(move |msgs| {
+        let mut out = Vec::new();
+        for m in msgs {
+            match (m, &remote) {
+                (Message::PageRequest(q), None) => {
+                    let _ = req_tx.send(*q);
+                }
+                (Message::PageRequest(q), Some((held, _)))
+                    if lazyfill::holds(held, q.pid, q.addr) =>
+                {
+                    let _ = req_tx.send(*q);
+                }
+                (m, Some(_)) => out.push(m.clone()),
+                (_, None) => {}
+            }
+        }
+        match &remote {
+            Some((_, main)) if !out.is_empty() => send_all(main, &out),
+            _ => Ok(()),
+        }
+    });
+    (send, req_rx)
 }
 
 /// Runs the pager of a lazily restored job and its local feeder, each on a
@@ -597,16 +610,7 @@ fn start_lazy_fill(
     pages: Option<MemPages>,
 ) -> Result<(), MigrateError> {
     let pages = pages.ok_or_else(|| MigrateError::Internal("lazy restore without pages".into()))?;
-    let (req_tx, req_rx) = std::sync::mpsc::channel();
-    // Faults become requests to the feeder; nothing goes to the source.
-    let send: postcopy::SendFn = Box::new(move |msgs| {
-        for m in msgs {
-            if let Message::PageRequest(q) = m {
-                let _ = req_tx.send(*q);
-            }
-        }
-        Ok(())
-    });
+    let (send, req_rx) = fault_router(None);
     // Shared memory is restored whole before the resume (plan() leaves it).
     let (p, inbox) = Pager::new(
         spaces,
@@ -617,37 +621,24 @@ fn start_lazy_fill(
         rep.wait_pid,
         send,
     )?;
-    let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-        std::thread::Builder::new()
-            .name(name.into())
-            .spawn(f)
-            .map_err(|e| MigrateError::Io {
-                what: format!("starting {name}"),
-                source: e,
-            })
-    };
     let pid = rep.pid;
-    spawn(
-        "ferry-lazy-pager",
-        Box::new(move || {
-            match p.run() {
-            Ok(d) => tracing::info!(
-                pid,
-                "memory in place after {:.0} ms: {} pages, {} faults served (p50 {:.0} µs, p99 {:.0} µs)",
-                d.last_page_ms,
-                d.pages_placed,
-                d.remote_faults,
-                d.fault_latency_p50_us,
-                d.fault_latency_p99_us
-            ),
-            Err(e) => tracing::warn!(pid, "lazy restore failed, the job was killed: {e}"),
-        }
-        }),
-    )?;
-    spawn(
-        "ferry-lazy-feed",
-        Box::new(move || lazyfill::feed(pages, inbox, req_rx)),
-    )?;
+    spawn("ferry-lazy-pager", move || {
+        match p.run() {
+        Ok(d) => tracing::info!(
+            pid,
+            "memory in place after {:.0} ms: {} pages, {} faults served (p50 {:.0} µs, p99 {:.0} µs)",
+            d.last_page_ms,
+            d.pages_placed,
+            d.remote_faults,
+            d.fault_latency_p50_us,
+            d.fault_latency_p99_us
+        ),
+        Err(e) => tracing::warn!(pid, "lazy restore failed, the job was killed: {e}"),
+    }
+    })?;
+    spawn("ferry-lazy-feed", move || {
+        lazyfill::feed(pages, inbox, req_rx)
+    })?;
     Ok(())
 }
 

@@ -13,7 +13,7 @@
 use super::mempages::MemPages;
 use super::postcopy::{Arrival, Inbox, Input, Item};
 use crate::image::{PageKind, PageRun, ProcessImage, VmaKind};
-use crate::restore::postcopy::first_touched;
+use crate::restore::postcopy::{carve, first_touched};
 use crate::restore::PlannedPages;
 use crate::sys::PAGE_SIZE;
 use crate::wire::messages::{PageRequest, PlanRun, PostcopyPlan};
@@ -43,25 +43,18 @@ pub fn plan(processes: &mut [ProcessImage]) -> PlannedPages {
                     continue;
                 };
                 let (s, e) = (r.addr, r.addr + r.npages as u64 * PAGE);
-                let mut pos = s;
-                let first = hot.partition_point(|&(_, he)| he <= s);
-                for &(hs, he) in hot[first..].iter().take_while(|&&(hs, _)| hs < e) {
-                    let (a, b) = (hs.max(s), he.min(e));
-                    if pos < a {
-                        push_range(&mut ranges, pos, a);
-                    }
-                    keep.push(PageRun {
-                        addr: a,
-                        npages: ((b - a) / PAGE) as u32,
-                        kind: PageKind::Data {
-                            offset: offset + (a - s),
-                            crc: 0,
-                        },
-                    });
-                    pos = b;
-                }
-                if pos < e {
-                    push_range(&mut ranges, pos, e);
+                // Hot parts stay with the restore, the rest is planned.
+                let (hot_parts, cold_parts) = carve(&[(s, e)], &hot);
+                keep.extend(hot_parts.into_iter().map(|(a, b)| PageRun {
+                    addr: a,
+                    npages: ((b - a) / PAGE) as u32,
+                    kind: PageKind::Data {
+                        offset: offset + (a - s),
+                        crc: 0,
+                    },
+                }));
+                for (a, b) in cold_parts {
+                    push_range(&mut ranges, a, b);
                 }
             }
             v.pages = keep;
@@ -96,19 +89,7 @@ pub fn plans(planned: &PlannedPages) -> Vec<PostcopyPlan> {
             pid,
             runs: ranges
                 .iter()
-                .flat_map(|&(s, e)| {
-                    let mut runs = Vec::new();
-                    let mut a = s;
-                    while a < e {
-                        let n = ((e - a) / PAGE).min(u32::MAX as u64);
-                        runs.push(PlanRun {
-                            addr: a,
-                            npages: n as u32,
-                        });
-                        a += n * PAGE;
-                    }
-                    runs
-                })
+                .flat_map(|&(s, e)| PlanRun::covering(s, e))
                 .collect(),
         })
         .collect()

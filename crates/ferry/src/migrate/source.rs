@@ -474,6 +474,13 @@ fn live(
     processes: u32,
 ) -> Result<MigrationReport, MigrateError> {
     let total_pages: u64 = tracked.iter().map(|t| t.pending.len() as u64).sum();
+    // What the first round sends (the target prepares memory for it):
+    // post-copy sends a few eager pages only, the rest after the resume.
+    let first_round = if opts.mode == wire::MigrationMode::PostCopy {
+        0
+    } else {
+        total_pages
+    };
     let bg_streams = u16::from(opts.mode.is_postcopy());
     let start = MigrationStart {
         job: format!("pid {pid}"),
@@ -481,7 +488,7 @@ fn live(
         mode: opts.mode,
         compression: opts.compression,
         streams: n + bg_streams,
-        total_pages,
+        total_pages: first_round,
         processes,
         machine,
     };

@@ -225,6 +225,29 @@ fn windows_around(regs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
     )
 }
 
+/// `areas` (sorted, disjoint) cut by the `hot` windows (sorted, disjoint):
+/// the parts inside a window and the parts outside.
+#[allow(clippy::type_complexity)]
+pub fn carve(areas: &[(u64, u64)], hot: &[(u64, u64)]) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    let (mut inside, mut outside) = (Vec::new(), Vec::new());
+    for &(s, e) in areas {
+        let mut pos = s;
+        let first = hot.partition_point(|&(_, he)| he <= s);
+        for &(hs, he) in hot[first..].iter().take_while(|&&(hs, _)| hs < e) {
+            let (a, b) = (hs.max(s), he.min(e));
+            if pos < a {
+                outside.push((pos, a));
+            }
+            inside.push((a, b));
+            pos = b;
+        }
+        if pos < e {
+            outside.push((pos, e));
+        }
+    }
+    (inside, outside)
+}
+
 /// Sorts `[start, end)` ranges and merges those that overlap or touch.
 fn merge(mut w: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     w.sort_unstable();
@@ -344,6 +367,31 @@ pub fn register(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn carve_splits_areas_by_windows() {
+        let p = PG;
+        let areas = [(0x10 * p, 0x20 * p), (0x30 * p, 0x40 * p)];
+        // One window straddling the first area's start, one inside the
+        // second, one past everything.
+        let hot = [
+            (0x8 * p, 0x12 * p),
+            (0x34 * p, 0x36 * p),
+            (0x50 * p, 0x60 * p),
+        ];
+        let (inside, outside) = carve(&areas, &hot);
+        assert_eq!(inside, vec![(0x10 * p, 0x12 * p), (0x34 * p, 0x36 * p)]);
+        assert_eq!(
+            outside,
+            vec![
+                (0x12 * p, 0x20 * p),
+                (0x30 * p, 0x34 * p),
+                (0x36 * p, 0x40 * p)
+            ]
+        );
+        // No windows: the areas as they are.
+        assert_eq!(carve(&areas, &[]), (vec![], areas.to_vec()));
+    }
 
     #[test]
     fn hot_windows_cover_stack_and_code_and_merge() {

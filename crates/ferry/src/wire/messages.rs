@@ -327,6 +327,26 @@ pub struct PlanRun {
     pub npages: u32,
 }
 
+impl PlanRun {
+    /// Runs covering `[start, end)` (page aligned), split where a run
+    /// would exceed `u32::MAX` pages.
+    pub fn covering(start: u64, end: u64) -> impl Iterator<Item = PlanRun> {
+        const PAGE: u64 = super::PAGE_SIZE as u64;
+        let mut a = start;
+        std::iter::from_fn(move || {
+            (a < end).then(|| {
+                let n = ((end - a) / PAGE).min(u32::MAX as u64);
+                let r = PlanRun {
+                    addr: a,
+                    npages: n as u32,
+                };
+                a += n * PAGE;
+                r
+            })
+        })
+    }
+}
+
 /// Most runs one `PostcopyPlan` frame may carry (a plan larger than that is
 /// split over several frames for the same pid).
 pub const MAX_PLAN_RUNS: usize = 1 << 20;

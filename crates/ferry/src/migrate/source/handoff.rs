@@ -167,43 +167,12 @@ fn runs_of(pages: &[u64]) -> Vec<PlanRun> {
     runs
 }
 
-/// `areas` (sorted, disjoint) cut by the `hot` windows (sorted, disjoint):
-/// the parts inside a window and the parts outside.
-#[allow(clippy::type_complexity)]
-fn carve(areas: &[(u64, u64)], hot: &[(u64, u64)]) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
-    let (mut inside, mut outside) = (Vec::new(), Vec::new());
-    for &(s, e) in areas {
-        let mut pos = s;
-        let first = hot.partition_point(|&(_, he)| he <= s);
-        for &(hs, he) in hot[first..].iter().take_while(|&&(hs, _)| hs < e) {
-            let (a, b) = (hs.max(s), he.min(e));
-            if pos < a {
-                outside.push((pos, a));
-            }
-            inside.push((a, b));
-            pos = b;
-        }
-        if pos < e {
-            outside.push((pos, e));
-        }
-    }
-    (inside, outside)
-}
-
 /// The sorted union of `runs` and the `[start, end)` ranges `areas` (both
 /// sorted, disjoint from each other) as plan runs.
 fn merge_runs(runs: Vec<PlanRun>, areas: &[(u64, u64)]) -> Vec<PlanRun> {
     let mut out: Vec<PlanRun> = Vec::with_capacity(runs.len() + areas.len());
-    for (s, e) in areas.iter().copied() {
-        let mut a = s;
-        while a < e {
-            let n = ((e - a) / PAGE).min(u32::MAX as u64);
-            out.push(PlanRun {
-                addr: a,
-                npages: n as u32,
-            });
-            a += n * PAGE;
-        }
+    for &(s, e) in areas {
+        out.extend(PlanRun::covering(s, e));
     }
     out.extend(runs);
     out.sort_unstable_by_key(|r| r.addr);
@@ -269,7 +238,7 @@ pub(super) fn handoff(
             }
         }
         // Whole areas: their hot parts go now, the rest is planned as is.
-        let (hot_parts, cold_parts) = carve(&areas, &hot);
+        let (hot_parts, cold_parts) = crate::restore::postcopy::carve(&areas, &hot);
         if !hot_parts.is_empty() {
             for (s, e) in hot_parts {
                 now.extend((s..e).step_by(PAGE as usize));
@@ -560,31 +529,6 @@ fn background(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn carve_splits_areas_by_windows() {
-        let p = PAGE;
-        let areas = [(0x10 * p, 0x20 * p), (0x30 * p, 0x40 * p)];
-        // One window straddling the first area's start, one inside the
-        // second, one past everything.
-        let hot = [
-            (0x8 * p, 0x12 * p),
-            (0x34 * p, 0x36 * p),
-            (0x50 * p, 0x60 * p),
-        ];
-        let (inside, outside) = carve(&areas, &hot);
-        assert_eq!(inside, vec![(0x10 * p, 0x12 * p), (0x34 * p, 0x36 * p)]);
-        assert_eq!(
-            outside,
-            vec![
-                (0x12 * p, 0x20 * p),
-                (0x30 * p, 0x34 * p),
-                (0x36 * p, 0x40 * p)
-            ]
-        );
-        // No windows: the areas as they are.
-        assert_eq!(carve(&areas, &[]), (vec![], areas.to_vec()));
-    }
 
     #[test]
     fn merge_runs_orders_pages_and_areas() {
