@@ -694,6 +694,9 @@ impl Pager {
                         )))
                     }
                     Err(mpsc::TryRecvError::Empty) => break,
+                    // Whoever fed the pages (a local feeder) is done with
+                    // them: an ending, not a loss, once every page is in.
+                    Err(mpsc::TryRecvError::Disconnected) if self.left() == 0 => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         return Err(MigrateError::Stream(format!(
                             "the connection to the source ended with {} pages still there",
